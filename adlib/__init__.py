@@ -1,0 +1,16 @@
+"""adlib: industrial visual anomaly detection, the library of the book.
+
+Train on normal images only; score each test image and give a per-pixel anomaly map. Every
+method is a :class:`~adlib.detectors.Detector` with ``fit(train) -> self`` and
+``predict(images) -> (scores, maps)``; :func:`evaluate` measures any of them the same way.
+"""
+
+from . import data, metrics, settings
+from .data import MVTecDataset, find_data_root, load_split, make_synthetic, train_batches
+from .detectors import DETECTORS, Detector, get_detector, load_detector
+from .evaluate import Evaluation, evaluate, format_table
+
+__version__ = "0.1.0"
+__all__ = ["data", "metrics", "settings", "MVTecDataset", "find_data_root", "load_split", "make_synthetic",
+           "train_batches", "DETECTORS", "Detector", "get_detector", "load_detector", "Evaluation", "evaluate",
+           "format_table"]

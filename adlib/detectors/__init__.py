@@ -1,0 +1,6 @@
+"""One file per method; importing this package registers them all."""
+
+from .base import DETECTORS, Detector, get_detector, load_detector, register
+from .pixel_stats import PixelStats
+
+__all__ = ["DETECTORS", "Detector", "get_detector", "load_detector", "register", "PixelStats"]
