@@ -37,6 +37,8 @@ __all__ = [
     "train_batches",
     "download_mvtec",
     "make_synthetic",
+    "choose_data",
+    "DataChoice",
     "denormalize",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -51,6 +53,15 @@ MVTEC_URL = ("https://www.mydrive.ch/shares/38536/3830184030e49fe74747669442f0f2
              "420938113-1629952094/mvtec_anomaly_detection.tar.xz")
 MVTEC_SHA256 = "cf4313b13603bec67abb49ca959488f7eedce2a9f7795ec54446c649ac98cd3d"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+def display_path(path: Path) -> str:
+    """``path`` relative to the working folder when it is nearby (keeps printed output portable)."""
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:  # another drive on Windows
+        return str(path)
+    return rel if Path(rel).parts[:4].count("..") < 4 else str(path)
 
 
 class DataError(ValueError):
@@ -274,7 +285,7 @@ class MVTecDataset(Dataset):
 
     def __repr__(self) -> str:
         return (f"MVTecDataset(category={self.category!r}, split={self.split!r}, n={len(self)}, "
-                f"side={self.side}, root={str(self.root)!r})")
+                f"side={self.side}, root={display_path(self.root)!r})")
 
 
 def load_split(dataset: MVTecDataset) -> tuple[Tensor, Tensor, Tensor]:
@@ -330,7 +341,7 @@ def _sha256(path: Path, chunk: int = 1 << 20) -> str:
 
 def _fetch(url: str, dest: Path, chunk: int = 1 << 20) -> None:
     """Download ``url`` to ``dest``, resuming a partial ``dest`` with an HTTP Range request."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     start = dest.stat().st_size if dest.exists() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={start}-"} if start else {})
@@ -395,7 +406,7 @@ def download_mvtec(root: str | os.PathLike | None = None, categories: list[str] 
             archive.unlink()
             raise DataError(f"{archive}: SHA-256 {actual} does not match the expected {sha256}; "
                             f"the download was corrupt and has been deleted, call again to retry")
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     with tarfile.open(archive) as tar:
         for member in tqdm(_safe_members(tar, root, wanted), desc="extract", unit="file"):
@@ -473,3 +484,32 @@ def make_synthetic(root: str | os.PathLike, category: str = "synthetic", n_train
             save(image, folder / "test" / kind / f"{i:03d}.png")
             save(mask, folder / "ground_truth" / kind / f"{i:03d}_mask.png", mode="L")
     return root
+
+
+@dataclass(frozen=True)
+class DataChoice:
+    """Which data a notebook or script runs on: ``root``/``category`` and whether it is real."""
+
+    root: Path
+    category: str
+    real: bool
+
+    def describe(self) -> str:
+        if self.real:
+            return (f"real MVTec AD '{self.category}' from {display_path(self.root)} "
+                    f"(CC BY-NC-SA 4.0, MVTec Software GmbH)")
+        return (f"SYNTHETIC stand-in '{self.category}' in {display_path(self.root)}: MVTec AD was not found, so numbers "
+                f"below are not results on real data")
+
+
+def choose_data(category: str = "bottle", root: str | os.PathLike | None = None,
+                synthetic_root: str | os.PathLike | None = None) -> DataChoice:
+    """Real data for ``category`` when it is there (see :func:`find_data_root`), else a synthetic
+    category made on the fly, so every notebook runs anywhere and says which data it used."""
+    found = find_data_root(root)
+    if (found / category / "train" / "good").is_dir():
+        return DataChoice(found, category, True)
+    synthetic_root = Path(synthetic_root) if synthetic_root else user_cache_root().parent / "synthetic"
+    if not (synthetic_root / "synthetic" / "train" / "good").is_dir():
+        make_synthetic(synthetic_root, size=256, n_train=60, n_test_good=15, n_test_defect=15)
+    return DataChoice(synthetic_root, "synthetic", False)

@@ -11,7 +11,7 @@ from typing import Any, Iterable
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from . import metrics
 from .data import MVTecDataset, train_batches

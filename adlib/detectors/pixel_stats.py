@@ -11,7 +11,7 @@ from typing import Iterable
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from ..settings import default_device
 from .base import Detector, check_images, gaussian_blur, register

@@ -1,0 +1,125 @@
+"""Figures with one look: anomaly-map overlays with ground-truth contours, ROC curves, score
+histograms and example grids. Every function draws on a given Matplotlib axes (or makes a figure)
+and returns the figure."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import metrics
+from .data import denormalize
+
+__all__ = ["use_style", "show_image", "overlay", "plot_roc", "plot_score_histogram", "example_grid",
+           "NORMAL_COLOR", "ANOMALY_COLOR"]
+
+NORMAL_COLOR = "#2b83ba"
+ANOMALY_COLOR = "#d7191c"
+MAP_CMAP = "inferno"
+
+
+def use_style() -> None:
+    """The book's Matplotlib style: light grid, no top/right spines, readable sizes."""
+    plt.rcParams.update({
+        "figure.dpi": 110, "savefig.dpi": 110, "axes.grid": True, "grid.alpha": 0.25,
+        "axes.spines.top": False, "axes.spines.right": False, "font.size": 10, "axes.titlesize": 10,
+        "legend.frameon": False, "image.interpolation": "nearest",
+    })
+
+
+def _to_numpy_image(image: Tensor | np.ndarray, normalized: bool = True) -> np.ndarray:
+    if isinstance(image, Tensor):
+        image = denormalize(image) if normalized else image.clamp(0, 1)
+        return image.detach().cpu().permute(1, 2, 0).numpy()
+    return np.asarray(image)
+
+
+def _np2d(x: Tensor | np.ndarray) -> np.ndarray:
+    arr = x.detach().cpu().float().numpy() if isinstance(x, Tensor) else np.asarray(x, dtype=np.float32)
+    return arr.reshape(arr.shape[-2:])
+
+
+def show_image(ax: plt.Axes, image: Tensor | np.ndarray, title: str | None = None, normalized: bool = True) -> None:
+    """An image ``(3, H, W)`` (ImageNet-normalized unless ``normalized=False``) without axes."""
+    ax.imshow(_to_numpy_image(image, normalized))
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title)
+
+
+def overlay(ax: plt.Axes, image: Tensor, anomaly_map: Tensor | np.ndarray, mask: Tensor | np.ndarray | None = None,
+            vmin: float | None = None, vmax: float | None = None, alpha: float = 0.5, title: str | None = None) -> Any:
+    """Heat map ``(H, W)`` over the image ``(3, H, W)``, the ground-truth ``mask`` as a cyan contour.
+
+    Pass one ``vmin``/``vmax`` for all images of a figure so that colours compare across images.
+    Returns the heat-map artist (for a colour bar).
+    """
+    show_image(ax, image, title)
+    art = ax.imshow(_np2d(anomaly_map), cmap=MAP_CMAP, alpha=alpha, vmin=vmin, vmax=vmax)
+    if mask is not None:
+        m = _np2d(mask)
+        if m.max() > 0:
+            ax.contour(m, levels=[0.5], colors="cyan", linewidths=1.0)
+    return art
+
+
+def plot_roc(results: dict[str, tuple[Any, Any]], ax: plt.Axes | None = None, title: str = "ROC") -> plt.Figure:
+    """ROC curves of several score sets: ``{name: (scores, labels)}``, AUROC in the legend."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4, 4))
+    for name, (scores, labels) in results.items():
+        fpr, tpr, _ = metrics.roc_curve(scores, labels)
+        ax.plot(fpr, tpr, label=f"{name} (AUROC {metrics.auroc(scores, labels):.3f})", lw=1.5)
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
+    ax.set(xlabel="false-positive rate", ylabel="true-positive rate", title=title, xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="lower right")
+    return ax.figure
+
+
+def plot_score_histogram(scores: Any, labels: Any, ax: plt.Axes | None = None, threshold: float | None = None,
+                         bins: int = 30, title: str = "image scores") -> plt.Figure:
+    """Histograms of normal vs anomalous scores on shared bins, with an optional threshold line."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5, 3))
+    s = np.asarray(scores.cpu() if isinstance(scores, Tensor) else scores, dtype=np.float64)
+    y = np.asarray(labels.cpu() if isinstance(labels, Tensor) else labels).astype(bool)
+    edges = np.histogram_bin_edges(s, bins=bins)
+    ax.hist(s[~y], bins=edges, alpha=0.6, color=NORMAL_COLOR, label=f"normal (n={int((~y).sum())})")
+    ax.hist(s[y], bins=edges, alpha=0.6, color=ANOMALY_COLOR, label=f"anomalous (n={int(y.sum())})")
+    if threshold is not None:
+        ax.axvline(threshold, color="black", ls="--", lw=1, label=f"threshold {threshold:.3g}")
+    ax.set(xlabel="anomaly score", ylabel="images", title=title)
+    ax.legend()
+    return ax.figure
+
+
+def example_grid(images: Tensor, maps: Tensor | None = None, masks: Tensor | None = None,
+                 titles: Sequence[str] | None = None, ncols: int = 6, size: float = 1.9) -> plt.Figure:
+    """Images ``(N, 3, H, W)`` in a grid; with ``maps (N, H, W)`` as overlays on one colour scale,
+    with ``masks (N, 1, H, W)`` as contours."""
+    n = images.shape[0]
+    ncols = min(ncols, n)
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows + 0.3), squeeze=False)
+    vmin = vmax = None
+    if maps is not None:
+        flat = maps.detach().float().cpu().flatten()
+        vmin, vmax = float(flat.min()), float(torch.quantile(flat[:: max(1, flat.numel() // 1_000_000)], 0.999))
+    for i, ax in enumerate(axes.flat):
+        if i >= n:
+            ax.set_axis_off()
+            continue
+        title = titles[i] if titles is not None else None
+        mask = masks[i] if masks is not None else None
+        if maps is not None:
+            overlay(ax, images[i], maps[i], mask, vmin=vmin, vmax=vmax, title=title)
+        else:
+            show_image(ax, images[i], title)
+            if mask is not None and float(mask.max()) > 0:
+                ax.contour(_np2d(mask), levels=[0.5], colors="cyan", linewidths=1.0)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,189 @@
+"""adlib.data: the real MVTec layout, transforms, bad input, data-root lookup, downloader, synthetic set."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from adlib import data
+from adlib.data import DataError, MVTecDataset, find_data_root, load_split, make_synthetic
+
+
+def _write_category(root: Path, name: str = "cat", n_train: int = 3, size=(40, 30)) -> Path:
+    rng = np.random.default_rng(0)
+    folder = root / name
+    for i in range(n_train):
+        p = folder / "train" / "good" / f"{i:03d}.png"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(p)
+    (folder / "test" / "good").mkdir(parents=True)
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(folder / "test/good/000.png")
+    (folder / "test" / "dent").mkdir(parents=True)
+    (folder / "ground_truth" / "dent").mkdir(parents=True)
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(folder / "test/dent/000.png")
+    mask = np.zeros((size[1], size[0]), np.uint8)
+    mask[5:15, 10:20] = 255
+    Image.fromarray(mask).save(folder / "ground_truth/dent/000_mask.png")
+    return folder
+
+
+def test_real_bottle_counts_and_masks(real_root):
+    train = MVTecDataset(real_root, "bottle", "train")
+    test = MVTecDataset(real_root, "bottle", "test", image_size=128)
+    assert len(train) == 209
+    assert len(test) == 83
+    assert int(test.labels.sum()) == 63
+    assert sorted(set(test.defects)) == ["broken_large", "broken_small", "contamination", "good"]
+    item = test[test.defects.index("broken_large")]
+    assert item["image"].shape == (3, 128, 128) and item["mask"].shape == (1, 128, 128)
+    assert set(item["mask"].unique().tolist()) == {0.0, 1.0}
+    good = test[test.defects.index("good")]
+    assert good["mask"].sum() == 0 and good["label"] == 0
+
+
+def test_resize_crop_and_normalization(real_root):
+    ds = MVTecDataset(real_root, "bottle", "train", image_size=256, crop_size=224, limit=4)
+    x = torch.stack([ds[i]["image"] for i in range(len(ds))])
+    assert x.shape == (4, 3, 224, 224)
+    raw = MVTecDataset(real_root, "bottle", "train", image_size=256, crop_size=224, limit=4, normalize=False)[0]["image"]
+    assert 0 <= raw.min() and raw.max() <= 1
+    back = data.denormalize(ds[0]["image"])
+    assert torch.allclose(back, raw, atol=1e-5)
+
+
+def test_mask_resized_with_nearest_stays_binary(tmp_path):
+    _write_category(tmp_path)
+    ds = MVTecDataset(tmp_path, "cat", "test", image_size=17)
+    masks = torch.stack([ds[i]["mask"] for i in range(len(ds))])
+    assert set(masks.unique().tolist()) <= {0.0, 1.0} and masks.sum() > 0
+
+
+def test_grayscale_rgba_and_mixed_sizes_become_rgb(tmp_path):
+    folder = _write_category(tmp_path)
+    Image.fromarray(np.full((50, 60), 128, np.uint8), "L").save(folder / "train/good/010.png")
+    Image.fromarray(np.full((20, 20, 4), 200, np.uint8), "RGBA").save(folder / "train/good/011.png")
+    ds = MVTecDataset(tmp_path, "cat", "train", image_size=32, normalize=False)
+    images = torch.stack([ds[i]["image"] for i in range(len(ds))])
+    assert images.shape == (5, 3, 32, 32)
+    gray = ds[3]["image"]
+    assert torch.allclose(gray[0], gray[1]) and torch.allclose(gray[1], gray[2])
+
+
+def test_missing_category_names_folder_and_lists_found(tmp_path):
+    _write_category(tmp_path, "cat")
+    with pytest.raises(DataError, match=r"'dog' not found.*\['cat'\]"):
+        MVTecDataset(tmp_path, "dog", "train")
+
+
+def test_empty_train_good(tmp_path):
+    (tmp_path / "cat" / "train" / "good").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"train/good: no training images"):
+        MVTecDataset(tmp_path, "cat", "train")
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_corrupt_png_names_file(tmp_path, damage):
+    folder = _write_category(tmp_path)
+    bad = folder / "train/good/001.png"
+    content = bad.read_bytes()
+    bad.write_bytes(b"not a png at all" if damage == "garbage" else content[: len(content) // 2])
+    ds = MVTecDataset(tmp_path, "cat", "train")
+    assert ds[0]["image"].shape[0] == 3  # the other images still load
+    with pytest.raises(DataError, match=r"001\.png: cannot read image"):
+        ds[1]
+
+
+def test_defect_without_mask_errors_or_is_skipped(tmp_path):
+    folder = _write_category(tmp_path)
+    (folder / "ground_truth/dent/000_mask.png").unlink()
+    with pytest.raises(DataError, match=r"000\.png: defective test image has no mask"):
+        MVTecDataset(tmp_path, "cat", "test")
+    ds = MVTecDataset(tmp_path, "cat", "test", missing_masks="skip")
+    assert ds.defects == ["good"]
+
+
+def test_mask_size_mismatch(tmp_path):
+    folder = _write_category(tmp_path)
+    Image.fromarray(np.zeros((7, 7), np.uint8)).save(folder / "ground_truth/dent/000_mask.png")
+    ds = MVTecDataset(tmp_path, "cat", "test")
+    idx = ds.defects.index("dent")
+    with pytest.raises(DataError, match=r"mask size \(7, 7\) differs"):
+        ds[idx]
+
+
+def test_find_data_root_order(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADLIB_DATA", str(tmp_path / "env"))
+    assert find_data_root(tmp_path / "explicit") == tmp_path / "explicit"
+    assert find_data_root() == tmp_path / "env"
+    monkeypatch.delenv("ADLIB_DATA")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(data, "_shared_candidates", lambda: [tmp_path / "nope"])
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert find_data_root() == tmp_path / "cache" / "adlib" / "mvtec_ad"
+
+
+def test_synthetic_is_deterministic_and_loadable(tmp_path):
+    a = make_synthetic(tmp_path / "a", n_train=3, n_test_good=2, n_test_defect=2, size=64, seed=7)
+    b = make_synthetic(tmp_path / "b", n_train=3, n_test_good=2, n_test_defect=2, size=64, seed=7)
+    files_a = sorted(p.relative_to(a) for p in a.rglob("*.png"))
+    assert files_a == sorted(p.relative_to(b) for p in b.rglob("*.png"))
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files_a)
+    images, masks, labels = load_split(MVTecDataset(a, "synthetic", "test", image_size=64))
+    assert labels.tolist().count(1) == 4 and masks[labels == 1].flatten(1).amax(1).min() == 1
+    assert masks[labels == 0].sum() == 0
+
+
+def _tar_of(folder: Path, out: Path) -> str:
+    with tarfile.open(out, "w:xz") as tar:
+        tar.add(folder, arcname=folder.name)
+    return hashlib.sha256(out.read_bytes()).hexdigest()
+
+
+def test_download_verifies_checksum_and_extracts(tmp_path):
+    make_synthetic(tmp_path / "src", category="widget", n_train=2, n_test_good=1, n_test_defect=1, size=32)
+    archive = tmp_path / "mvtec_anomaly_detection.tar.xz"
+    digest = _tar_of(tmp_path / "src" / "widget", archive)
+    root = data.download_mvtec(tmp_path / "dest", url=archive.as_uri(), sha256=digest)
+    ds = MVTecDataset(root, "widget", "test")
+    assert len(ds) == 3 and (root / "widget" / ".complete").exists()
+    assert not (root / archive.name).exists()  # archive removed after extraction
+
+
+def test_download_resumes_partial_file(tmp_path):
+    make_synthetic(tmp_path / "src", category="widget", n_train=2, n_test_good=1, n_test_defect=1, size=32)
+    archive = tmp_path / "mvtec_anomaly_detection.tar.xz"
+    digest = _tar_of(tmp_path / "src" / "widget", archive)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    content = archive.read_bytes()
+    (dest / (archive.name + ".part")).write_bytes(content[: len(content) // 3])
+    data.download_mvtec(dest, url=archive.as_uri(), sha256=digest, keep_archive=True)
+    assert (dest / archive.name).read_bytes() == content
+
+
+def test_download_checksum_mismatch_deletes_and_raises(tmp_path):
+    make_synthetic(tmp_path / "src", category="widget", n_train=2, n_test_good=1, n_test_defect=1, size=32)
+    archive = tmp_path / "mvtec_anomaly_detection.tar.xz"
+    _tar_of(tmp_path / "src" / "widget", archive)
+    with pytest.raises(DataError, match="does not match the expected"):
+        data.download_mvtec(tmp_path / "dest", url=archive.as_uri(), sha256="0" * 64)
+    assert not (tmp_path / "dest" / archive.name).exists()
+    assert not (tmp_path / "dest" / "widget").exists()
+
+
+def test_archive_member_outside_root_is_refused(tmp_path):
+    archive = tmp_path / "evil.tar"
+    with tarfile.open(archive, "w") as tar:
+        info = tarfile.TarInfo("../escape.txt")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"bad"))
+    with pytest.raises(DataError, match="outside"):
+        data.download_mvtec(tmp_path / "dest", url=archive.as_uri(), sha256=None)
+    assert not (tmp_path / "escape.txt").exists()

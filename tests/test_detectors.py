@@ -1,0 +1,107 @@
+"""The detector contract, its registry, saving and loading, evaluation, map smoothing and the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+import adlib
+from adlib import get_detector, load_detector
+from adlib.data import MVTecDataset, load_split, train_batches
+from adlib.detectors.base import gaussian_blur
+from adlib.evaluate import PeakMemory, evaluate
+
+JSON_KEYS = {"image_auroc", "pixel_auroc", "aupro", "f1_max", "fpr95", "ap", "fit_s", "ms_per_image",
+             "peak_mem_mb", "method", "backbone", "device", "category", "n_train", "n_test"}
+
+
+@pytest.fixture(scope="module")
+def synthetic_sets(synthetic_root):
+    return (MVTecDataset(synthetic_root, "synthetic", "train", image_size=96),
+            MVTecDataset(synthetic_root, "synthetic", "test", image_size=96))
+
+
+def test_pixel_stats_finds_synthetic_defects(synthetic_sets):
+    train, test = synthetic_sets
+    result = evaluate(get_detector("pixel_stats", device="cpu"), test, train, progress=False)
+    assert result.metrics["image_auroc"] > 0.9
+    assert result.metrics["pixel_auroc"] > 0.9
+    assert result.maps.shape == (len(test), 96, 96) and result.scores.shape == (len(test),)
+
+
+def test_save_load_round_trip(synthetic_sets, tmp_path):
+    train, test = synthetic_sets
+    det = get_detector("pixel_stats", sigma=2.0, device="cpu").fit(train_batches(train, 8))
+    det.save(tmp_path / "det.safetensors")
+    again = load_detector(tmp_path / "det.safetensors")
+    assert again.sigma == 2.0
+    images, _, _ = load_split(test)
+    s1, m1 = det.predict(images)
+    s2, m2 = again.predict(images)
+    assert torch.equal(s1, s2) and torch.equal(m1, m2)
+
+
+def test_saved_file_is_not_pickle(synthetic_sets, tmp_path):
+    train, _ = synthetic_sets
+    det = get_detector("pixel_stats", device="cpu").fit(train_batches(train, 8))
+    det.save(tmp_path / "det.safetensors")
+    head = (tmp_path / "det.safetensors").read_bytes()[:16]
+    assert not head.startswith(b"\x80")  # pickle protocol marker
+    with pytest.raises(RuntimeError, match="fit"):
+        get_detector("pixel_stats").save(tmp_path / "empty.safetensors")
+
+
+def test_registry_and_bad_input():
+    assert "pixel_stats" in adlib.DETECTORS
+    with pytest.raises(KeyError, match="unknown method"):
+        get_detector("nope")
+    with pytest.raises(TypeError, match="no hyper-parameter"):
+        get_detector("pixel_stats", coreset_ratio=0.1)
+    det = get_detector("pixel_stats", device="cpu")
+    with pytest.raises(RuntimeError, match="not fitted"):
+        det.predict(torch.zeros(1, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        det.predict(torch.zeros(3, 8, 8))
+
+
+@pytest.mark.parametrize("sigma", [1.0, 4.0])
+def test_gaussian_blur_matches_scipy(sigma):
+    rng = np.random.default_rng(0)
+    maps = rng.random((2, 40, 33))
+    ours = gaussian_blur(torch.from_numpy(maps), sigma).numpy()
+    ref = np.stack([ndimage.gaussian_filter(m, sigma, mode="mirror", truncate=4.0) for m in maps])
+    np.testing.assert_allclose(ours, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_peak_memory_sees_a_large_allocation():
+    with PeakMemory("cpu") as small:
+        pass
+    with PeakMemory("cpu") as big:
+        block = torch.ones(300 * 2**20 // 4)  # 300 MB, touched
+        del block
+    assert big.peak_mb - small.peak_mb > 250
+
+
+def test_cli_writes_json_on_any_mvtec_folder(synthetic_root, tmp_path):
+    out = tmp_path / "metrics.json"
+    cmd = [sys.executable, "-m", "adlib", "evaluate", "--method", "pixel_stats", "--data", str(synthetic_root),
+           "--category", "synthetic", "--image-size", "64", "--device", "cpu", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    row = json.loads(out.read_text())
+    assert JSON_KEYS <= set(row)
+    assert row["n_train"] == 24 and row["n_test"] == 24 and row["category"] == "synthetic"
+    assert "| image_auroc" in proc.stdout or "image_auroc |" in proc.stdout
+
+
+def test_cli_refuses_backbone_for_method_without_one(synthetic_root):
+    cmd = [sys.executable, "-m", "adlib", "evaluate", "--method", "pixel_stats", "--data", str(synthetic_root),
+           "--category", "synthetic", "--backbone", "resnet18"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "uses no backbone" in proc.stderr

@@ -1,0 +1,111 @@
+"""adlib.metrics against independent computations: scikit-learn, hand-worked cases, brute-force PRO."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+from sklearn import metrics as skm
+
+from adlib import metrics
+
+
+@pytest.fixture
+def tied_scores():
+    rng = np.random.default_rng(1)
+    return rng.integers(0, 12, 400).astype(float), rng.integers(0, 2, 400)
+
+
+def test_auroc_matches_sklearn_with_ties(tied_scores):
+    s, y = tied_scores
+    assert metrics.auroc(s, y) == pytest.approx(skm.roc_auc_score(y, s), abs=1e-12)
+
+
+def test_auroc_hand_worked():
+    # normals 0.1, 0.4; anomalies 0.35, 0.8: pairs won 3 of 4
+    assert metrics.auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
+    # a tie between a normal and an anomaly counts half
+    assert metrics.auroc([0.5, 0.5], [0, 1]) == pytest.approx(0.5)
+
+
+def test_average_precision_and_f1_max_match_sklearn(tied_scores):
+    s, y = tied_scores
+    assert metrics.average_precision(s, y) == pytest.approx(skm.average_precision_score(y, s), abs=1e-12)
+    p, r, _ = skm.precision_recall_curve(y, s)
+    f1 = np.where(p + r > 0, 2 * p * r / np.maximum(p + r, 1e-300), 0)
+    assert metrics.f1_max(s, y) == pytest.approx(f1.max(), abs=1e-12)
+
+
+def test_fpr95_hand_worked():
+    # 20 anomalies at 1..20, normals at 0.5, 10.5, 15.5, 19.5 ; 95% TPR needs 19 anomalies: threshold 2,
+    # above which 3 of 4 normals lie
+    anomalies = np.arange(1, 21, dtype=float)
+    normals = np.array([0.5, 10.5, 15.5, 19.5])
+    s = np.r_[normals, anomalies]
+    y = np.r_[np.zeros(4), np.ones(20)]
+    assert metrics.fpr_at_tpr(s, y, 0.95) == pytest.approx(0.75)
+    fpr, tpr, _ = skm.roc_curve(y, s)
+    assert metrics.fpr_at_tpr(s, y, 0.95) == pytest.approx(fpr[np.argmax(tpr >= 0.95)])
+
+
+def test_pixel_auroc_matches_sklearn():
+    rng = np.random.default_rng(2)
+    masks = (rng.random((3, 16, 16)) > 0.9).astype(np.uint8)
+    maps = rng.random((3, 16, 16)) + masks * 0.3
+    assert metrics.pixel_auroc(maps, masks) == pytest.approx(skm.roc_auc_score(masks.ravel(), maps.ravel()))
+
+
+def _brute_force_aupro(maps: np.ndarray, masks: np.ndarray, limit: float) -> float:
+    """Threshold at every distinct score, binarize, measure each region's overlap: slow and obvious."""
+    regions = []
+    for i in range(masks.shape[0]):
+        lab, n = ndimage.label(masks[i], structure=np.ones((3, 3)))
+        regions += [(i, lab == k) for k in range(1, n + 1)]
+    normal = masks == 0
+    points = [(0.0, 0.0)]
+    for t in np.sort(np.unique(maps))[::-1]:
+        pred = maps >= t
+        fpr = (pred & normal).sum() / normal.sum()
+        pro = np.mean([pred[i][region].mean() for i, region in regions])
+        points.append((fpr, pro))
+    fpr, pro = np.array(points).T
+    # integrate to `limit`, interpolating at the limit
+    xs, ys = [0.0], [0.0]
+    for k in range(1, len(fpr)):
+        if fpr[k] <= limit:
+            xs.append(fpr[k]); ys.append(pro[k])
+        else:
+            t = (limit - fpr[k - 1]) / (fpr[k] - fpr[k - 1])
+            xs.append(limit); ys.append(pro[k - 1] + t * (pro[k] - pro[k - 1]))
+            break
+    return np.trapezoid(ys, xs) / limit
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_aupro_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((3, 12, 12), np.uint8)
+    masks[0, 2:5, 2:5] = 1          # one 3x3 region
+    masks[0, 8:10, 7:11] = 1        # a second region in the same image
+    masks[1, 0:1, 0:1] = 1          # a single pixel
+    maps = rng.integers(0, 30, masks.shape).astype(float) + 10 * masks * rng.random(masks.shape)
+    for limit in (0.3, 1.0):
+        assert metrics.aupro(maps, masks, limit) == pytest.approx(_brute_force_aupro(maps, masks, limit), abs=1e-12)
+
+
+def test_aupro_perfect_and_inverted_maps():
+    masks = np.zeros((2, 10, 10), np.uint8)
+    masks[0, 3:6, 3:6] = 1
+    assert metrics.aupro(masks.astype(float), masks) == pytest.approx(1.0)
+    assert metrics.aupro(1.0 - masks, masks) == pytest.approx(0.0)
+
+
+def test_bad_inputs_are_refused():
+    with pytest.raises(ValueError, match="both classes"):
+        metrics.auroc([0.1, 0.2], [1, 1])
+    with pytest.raises(ValueError, match="differ in size"):
+        metrics.auroc([0.1, 0.2, 0.3], [0, 1])
+    with pytest.raises(ValueError, match="NaN"):
+        metrics.auroc([0.1, float("nan")], [0, 1])
+    with pytest.raises(ValueError, match="no anomalous region"):
+        metrics.aupro(np.zeros((1, 4, 4)), np.zeros((1, 4, 4)))
