@@ -1,0 +1,483 @@
+"""The hot code of adlib, and nothing else: tensors in, tensors out.
+
+- :func:`knn`: exact k-nearest-neighbour Euclidean distances of patch features to a memory bank
+  (PatchCore), chunked under a memory budget.
+- :func:`greedy_coreset`: k-center greedy subsampling of a memory bank (PatchCore), with
+  triangle-inequality pruning.
+- :class:`GaussianAccumulator` / :class:`PositionGaussians`: streaming per-position mean and
+  covariance, Cholesky factors, and the batched Mahalanobis distance (PaDiM).
+- :func:`gmm_blobs`: synthetic anomalies from random 2-D Gaussian mixtures (semi-formula-driven
+  pre-training).
+
+Every kernel runs on CPU and CUDA with the same code; see the Performance chapter for why each
+is fast and ``python -m adlib.bench`` for the measurements against the field's implementations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["knn", "greedy_coreset", "random_projection", "GaussianAccumulator", "PositionGaussians",
+           "mahalanobis", "gmm_blobs", "BlobParams", "DEFAULT_BUDGET_MB"]
+
+DEFAULT_BUDGET_MB = 256.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checks shared by the kernels
+# ---------------------------------------------------------------------------------------------
+
+def _check_matrix(name: str, x: Tensor, allow_empty: bool = False) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (N, D), got shape {tuple(x.shape)}")
+    if x.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        raise TypeError(f"{name} must be floating point, got {x.dtype}")
+    if not allow_empty and x.shape[0] == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
+
+
+@contextlib.contextmanager
+def _exact_fp32() -> Iterator[None]:
+    """TF32 off for distance products: its 10-bit mantissa would break the 1e-4 accuracy."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _gemm_into(a: Tensor, b_t: Tensor, out: Tensor) -> Tensor:
+    """``out = a @ b_t`` for float32 ``a (Q, D)``, ``b_t (D, M)``.
+
+    On the CPU the product goes through NumPy's BLAS (OpenBLAS): torch's MKL takes a generic path
+    on AMD processors and was 1.4-2x slower on these skinny shapes (measured in the benchmark).
+    On CUDA it is torch's own matmul. ``out`` shares memory with the NumPy result on the CPU.
+    """
+    if a.device.type == "cpu":
+        np.matmul(a.numpy(), b_t.numpy(), out=out.numpy())
+        return out
+    return torch.mm(a, b_t, out=out)
+
+
+# ---------------------------------------------------------------------------------------------
+# k nearest neighbours
+# ---------------------------------------------------------------------------------------------
+
+def knn(queries: Tensor, bank: Tensor, k: int = 1, budget_mb: float = DEFAULT_BUDGET_MB) -> tuple[Tensor, Tensor]:
+    """Exact Euclidean k nearest neighbours of each query in the bank.
+
+    Args:
+        queries: ``(Q, D)`` float32/float64 (half precision is refused: distances need float32).
+        bank: ``(M, D)`` on the same device.
+        k: neighbours per query, ``1 <= k <= M``.
+        budget_mb: bound on the extra memory of the distance tiles, whatever Q and M are.
+
+    Returns:
+        ``dist (Q, k)`` ascending and ``idx (Q, k)`` int64 into the bank.
+
+    How: both sides are centred on the bank mean (distances are unchanged, float32 cancellation is
+    smaller), the bank is augmented with its squared norms so that one matrix product gives
+    ``|b|^2 - 2 q.b`` per tile, tiles are reduced with a running min/top-k, and the chosen
+    neighbours' distances are recomputed directly as ``|q - b|`` so that duplicates give exactly 0.
+    """
+    _check_matrix("queries", queries, allow_empty=True)
+    _check_matrix("bank", bank)
+    if queries.shape[1] != bank.shape[1]:
+        raise ValueError(f"queries have {queries.shape[1]} features, the bank {bank.shape[1]}")
+    if queries.device != bank.device:
+        raise ValueError(f"queries on {queries.device}, bank on {bank.device}: put them on one device")
+    if queries.dtype in (torch.float16, torch.bfloat16) or bank.dtype in (torch.float16, torch.bfloat16):
+        raise TypeError("knn needs float32 or float64 inputs; half precision loses the distances")
+    if not 1 <= k <= bank.shape[0]:
+        raise ValueError(f"k must be in [1, {bank.shape[0]}] (the bank size), got {k}")
+    n_q, n_b = queries.shape[0], bank.shape[0]
+    device = queries.device
+    if n_q == 0:
+        return torch.empty(0, k, device=device), torch.empty(0, k, dtype=torch.long, device=device)
+
+    with torch.no_grad(), _exact_fp32():
+        centre = bank.double().mean(0).float()
+        bank_c = bank.float() - centre
+        # [b, |b|^2] against [-2q, 1]: one product gives |b|^2 - 2 q.b
+        bank_aug_t = torch.cat([bank_c, (bank_c * bank_c).sum(1, keepdim=True)], 1).t().contiguous()
+        tile_q, tile_b = _tile_sizes(n_q, n_b, budget_mb)
+        buffer = torch.empty(tile_q * tile_b, dtype=torch.float32, device=device)
+        best_val = torch.empty(n_q, k, dtype=torch.float32, device=device)
+        best_idx = torch.empty(n_q, k, dtype=torch.long, device=device)
+        for q0 in range(0, n_q, tile_q):
+            q_c = queries[q0:q0 + tile_q].float() - centre
+            q_aug = torch.cat([-2.0 * q_c, torch.ones(q_c.shape[0], 1, device=device)], 1).contiguous()
+            val, idx = _scan_bank(q_aug, bank_aug_t, k, tile_b, buffer)
+            best_val[q0:q0 + tile_q], best_idx[q0:q0 + tile_q] = val, idx
+        # Exact distances of the chosen neighbours, computed directly (no cancellation).
+        dist = _direct_distances(queries, bank, best_idx, budget_mb)
+        dist, order = dist.sort(dim=1)
+        return dist.to(queries.dtype if queries.dtype == torch.float64 else torch.float32), best_idx.gather(1, order)
+
+
+def _tile_sizes(n_q: int, n_b: int, budget_mb: float) -> tuple[int, int]:
+    """Query and bank tile sizes whose float32 distance tile fits the budget."""
+    budget = max(int(budget_mb * 2**20 / 4), 1024)
+    tile_b = min(n_b, max(1024, budget // 256))          # prefer long bank tiles
+    tile_q = max(1, min(n_q, budget // tile_b))
+    return tile_q, tile_b
+
+
+def _scan_bank(q_aug: Tensor, bank_aug_t: Tensor, k: int, tile_b: int, buffer: Tensor) -> tuple[Tensor, Tensor]:
+    """Running k-smallest of ``|b|^2 - 2 q.b`` over bank tiles for one query tile."""
+    n_q, n_b = q_aug.shape[0], bank_aug_t.shape[1]
+    best_val = best_idx = None
+    for b0 in range(0, n_b, tile_b):
+        cols = min(tile_b, n_b - b0)
+        tile = buffer[: n_q * cols].view(n_q, cols)
+        _gemm_into(q_aug, bank_aug_t[:, b0:b0 + cols], tile)
+        kk = min(k, cols)
+        if kk == 1:
+            val, idx = tile.min(dim=1, keepdim=True)
+        else:
+            val, idx = tile.topk(kk, dim=1, largest=False, sorted=False)
+        idx = idx + b0
+        if best_val is None:
+            best_val, best_idx = val.clone(), idx
+        else:
+            val, pos = torch.cat([best_val, val], 1), torch.cat([best_idx, idx], 1)
+            if k == 1:
+                m, j = val.min(dim=1, keepdim=True)
+            else:
+                m, j = val.topk(k, dim=1, largest=False, sorted=False)
+            best_val, best_idx = m, pos.gather(1, j)
+    return best_val, best_idx
+
+
+def _direct_distances(queries: Tensor, bank: Tensor, idx: Tensor, budget_mb: float) -> Tensor:
+    """``|q_i - b_idx[i, j]|`` for ``idx (Q, k)``, chunked."""
+    n_q, k = idx.shape
+    dim = queries.shape[1]
+    dtype = torch.float64 if queries.dtype == torch.float64 else torch.float32
+    out = torch.empty(n_q, k, dtype=dtype, device=queries.device)
+    step = max(1, int(budget_mb * 2**20 / 4 / max(1, k * dim)))
+    for q0 in range(0, n_q, step):
+        q = queries[q0:q0 + step].to(dtype)
+        b = bank[idx[q0:q0 + step]].to(dtype)             # (q, k, D)
+        out[q0:q0 + step] = (b - q[:, None, :]).pow_(2).sum(-1).sqrt_()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Greedy coreset (k-center)
+# ---------------------------------------------------------------------------------------------
+
+def random_projection(features: Tensor, dim: int = 128, seed: int = 0) -> Tensor:
+    """Johnson-Lindenstrauss projection ``(N, D) -> (N, dim)`` with a seeded Gaussian matrix; the
+    identity (a float32 copy) when ``dim >= D``."""
+    n_features = features.shape[1]
+    if dim <= 0 or dim >= n_features:
+        return features.float()
+    generator = torch.Generator().manual_seed(seed)
+    matrix = torch.randn(n_features, dim, generator=generator) / math.sqrt(dim)
+    return features.float() @ matrix.to(features.device)
+
+
+def _coreset_size(n_points: int, ratio: float | None, n: int | None) -> int:
+    if (ratio is None) == (n is None):
+        raise ValueError("give exactly one of ratio (0 < ratio <= 1) or n (1 <= n <= N)")
+    if ratio is not None:
+        if not 0 < ratio <= 1:
+            raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+        return max(1, int(round(n_points * ratio)))
+    if not 1 <= n <= n_points:
+        raise ValueError(f"n must be in [1, {n_points}], got {n}")
+    return int(n)
+
+
+def greedy_coreset(features: Tensor, ratio: float | None = None, n: int | None = None, proj_dim: int = 128,
+                   seed: int = 0, start: int | None = None, progress: bool = False) -> Tensor:
+    """k-center greedy coreset (PatchCore): indices ``(n,)`` of points that cover ``features (N, D)``.
+
+    Each step adds the point farthest from the coreset so far. ``features`` are first projected
+    to ``proj_dim`` dimensions (seeded) as in PatchCore; ``start`` (default: a seeded random
+    index) is the first centre. Exact: the same selection as the plain algorithm
+    (:func:`_greedy_coreset_reference`) given the same projection and start.
+
+    Fast because a step touches few points: with ``c(x)`` the centre nearest to ``x`` and
+    ``d(x)`` its distance, a new centre ``z`` can be nearer to ``x`` only if
+    ``|c(x) - z| < 2 d(x)`` (triangle inequality). So a step computes ``|c - z|`` for the centres
+    (few) and exact distances only for the points that pass that test; as the coreset grows,
+    ``d(x)`` shrinks and almost every point is skipped.
+    """
+    _check_matrix("features", features)
+    size = _coreset_size(features.shape[0], ratio, n)
+    with torch.no_grad(), _exact_fp32():
+        x = random_projection(features, proj_dim, seed).contiguous()
+        n_points = x.shape[0]
+        if start is None:
+            start = int(torch.randint(n_points, (1,), generator=torch.Generator().manual_seed(seed)))
+        selected = torch.empty(size, dtype=torch.long, device=x.device)
+        centres = torch.empty(size, x.shape[1], dtype=x.dtype, device=x.device)
+        selected[0] = start
+        centres[0] = x[start]
+        nearest = torch.zeros(n_points, dtype=torch.long, device=x.device)  # slot in `centres`
+        dist = (x - x[start]).pow_(2).sum(1).sqrt_()
+        iterator = range(1, size)
+        if progress:
+            from tqdm import tqdm
+            iterator = tqdm(iterator, desc="coreset", leave=False)
+        for step in iterator:
+            new = int(torch.argmax(dist))
+            z = x[new]
+            selected[step] = new
+            centres[step] = z
+            centre_to_z = (centres[:step] - z).pow_(2).sum(1).sqrt_()          # (step,)
+            candidates = torch.nonzero(centre_to_z[nearest] < 2.0 * dist * (1 + 1e-6)).squeeze(1)
+            if candidates.numel() == 0:
+                continue
+            d_new = (x[candidates] - z).pow_(2).sum(1).sqrt_()
+            closer = d_new < dist[candidates]
+            moved = candidates[closer]
+            dist[moved] = d_new[closer]
+            nearest[moved] = step
+            dist[new] = 0.0
+        return selected
+
+
+def _greedy_coreset_reference(features: Tensor, size: int, proj_dim: int = 128, seed: int = 0,
+                              start: int | None = None) -> Tensor:
+    """The plain k-center greedy loop, for tests and the benchmark: every step reads every point."""
+    x = random_projection(features, proj_dim, seed)
+    if start is None:
+        start = int(torch.randint(x.shape[0], (1,), generator=torch.Generator().manual_seed(seed)))
+    selected = [start]
+    dist = (x - x[start]).pow(2).sum(1).sqrt()
+    for _ in range(1, size):
+        new = int(torch.argmax(dist))
+        selected.append(new)
+        dist = torch.minimum(dist, (x - x[new]).pow(2).sum(1).sqrt())
+    return torch.tensor(selected)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-position Gaussians and the Mahalanobis distance
+# ---------------------------------------------------------------------------------------------
+
+class GaussianAccumulator:
+    """Streaming sums for a Gaussian per position, never holding all training features.
+
+    ``update(x (B, C, H, W) or (B, C, P))`` adds a batch; ``finalize(eps)`` gives the fitted
+    :class:`PositionGaussians`. Sums are taken around a shift (the first batch's mean) to avoid
+    the cancellation of ``E[x x^T] - mu mu^T``; the outer products are one batched matrix product
+    over positions, ``(P, C, B) @ (P, B, C)``, no Python loop over positions.
+
+    ``dtype`` of the sums: float64 (default) for accuracy, float32 halves the memory of the
+    ``(P, C, C)`` sum for large C.
+    """
+
+    def __init__(self, dtype: torch.dtype = torch.float64):
+        self.dtype = dtype
+        self.count = 0
+        self.shift: Tensor | None = None   # (P, C)
+        self.sum: Tensor | None = None     # (P, C)
+        self.outer: Tensor | None = None   # (P, C, C)
+
+    def update(self, features: Tensor) -> None:
+        x = _positions_last(features, "features")            # (B, C, P)
+        x = x.to(self.dtype).permute(2, 0, 1)                # (P, B, C)
+        if self.shift is None:
+            self.shift = x.mean(1)
+            p, _, c = x.shape
+            self.sum = torch.zeros(p, c, dtype=self.dtype, device=x.device)
+            self.outer = torch.zeros(p, c, c, dtype=self.dtype, device=x.device)
+        elif x.shape[0] != self.shift.shape[0] or x.shape[2] != self.shift.shape[1]:
+            raise ValueError(f"batch has {x.shape[2]} channels x {x.shape[0]} positions; earlier batches had "
+                             f"{self.shift.shape[1]} x {self.shift.shape[0]}")
+        x = x - self.shift[:, None, :]
+        self.sum += x.sum(1)
+        self.outer.baddbmm_(x.transpose(1, 2), x)
+        self.count += x.shape[1]
+
+    def finalize(self, eps: float = 0.01, jitter_tries: int = 3) -> "PositionGaussians":
+        """Mean ``(P, C)``, covariance ``+ eps I`` and its Cholesky factor ``(P, C, C)``.
+
+        If a covariance is still not positive definite (``eps`` = 0 with fewer samples than
+        channels, or NaN features), the jitter grows tenfold up to ``jitter_tries`` times; then a
+        clear error names the positions. Never NaN silently.
+        """
+        if self.count < 2 or self.outer is None:
+            raise ValueError(f"need at least 2 samples to fit a Gaussian, got {self.count}")
+        n = self.count
+        mean_shifted = self.sum / n                                   # (P, C)
+        cov = self.outer
+        cov -= n * mean_shifted[:, :, None] * mean_shifted[:, None, :]
+        cov /= n - 1
+        mean = (mean_shifted + self.shift).float()
+        self.outer = None  # the covariance now lives in `cov`; do not keep a second copy
+        chol = _cholesky_in_place(cov, eps, jitter_tries)
+        return PositionGaussians(mean=mean, chol=chol.float() if chol.dtype != torch.float32 else chol, eps=eps)
+
+
+def _cholesky_in_place(cov: Tensor, eps: float, jitter_tries: int, chunk: int = 256) -> Tensor:
+    """Cholesky factors of ``cov + eps I`` for ``(P, C, C)``, chunked over positions, in place."""
+    c = cov.shape[-1]
+    eye = torch.eye(c, dtype=cov.dtype, device=cov.device)
+    for p0 in range(0, cov.shape[0], chunk):
+        block = cov[p0:p0 + chunk]
+        jitter = eps
+        for attempt in range(jitter_tries + 1):
+            factor, info = torch.linalg.cholesky_ex(block + jitter * eye)
+            if int(info.max()) == 0 and torch.isfinite(factor).all():
+                break
+            if not torch.isfinite(block).all():
+                raise ValueError("covariance holds NaN or infinity: the features were not finite")
+            jitter = max(jitter, 1e-6) * 10
+        else:
+            bad = (p0 + torch.nonzero(info).squeeze(1)).tolist()[:10]
+            raise ValueError(f"covariance not positive definite at positions {bad} even with jitter {jitter:g}; "
+                             f"use a larger eps or more training images")
+        block.copy_(factor)
+    return cov
+
+
+def _positions_last(features: Tensor, name: str) -> Tensor:
+    if features.ndim == 4:
+        return features.flatten(2)
+    if features.ndim == 3:
+        return features
+    raise ValueError(f"{name} must be (B, C, H, W) or (B, C, P), got shape {tuple(features.shape)}")
+
+
+@dataclass
+class PositionGaussians:
+    """Fitted per-position Gaussians: ``mean (P, C)``, Cholesky factor ``chol (P, C, C)`` of
+    ``cov + eps I`` (lower triangular)."""
+
+    mean: Tensor
+    chol: Tensor
+    eps: float = 0.01
+
+    def mahalanobis(self, features: Tensor, budget_mb: float = DEFAULT_BUDGET_MB) -> Tensor:
+        """``(B, C, H, W)`` or ``(B, C, P)`` -> distances ``(B, P)``; see :func:`mahalanobis`."""
+        return mahalanobis(features, self.mean, self.chol, budget_mb)
+
+
+def mahalanobis(features: Tensor, mean: Tensor, chol: Tensor, budget_mb: float = DEFAULT_BUDGET_MB) -> Tensor:
+    """Mahalanobis distance of every position's feature to its Gaussian: ``(B, P)``.
+
+    ``d_p(x) = |L_p^{-1} (x_p - mu_p)|`` with the Cholesky factor ``L_p`` (``L L^T = cov``), by a
+    batched triangular solve over positions, chunked so that the working set stays in budget.
+    """
+    x = _positions_last(features, "features")                 # (B, C, P)
+    b, c, p = x.shape
+    if mean.shape != (p, c) or chol.shape != (p, c, c):
+        raise ValueError(f"features are {c} channels x {p} positions, the Gaussians "
+                         f"{tuple(mean.shape)} / {tuple(chol.shape)}")
+    x = x.to(chol.device, chol.dtype)
+    out = torch.empty(b, p, dtype=chol.dtype, device=chol.device)
+    step = max(1, int(budget_mb * 2**20 / (chol.element_size() * c * (c + 2 * b))))
+    for p0 in range(0, p, step):
+        diff = (x[:, :, p0:p0 + step] - mean[p0:p0 + step].t()[None]).permute(2, 1, 0)  # (p, C, B)
+        z = torch.linalg.solve_triangular(chol[p0:p0 + step], diff, upper=False)
+        out[:, p0:p0 + step] = z.pow_(2).sum(1).sqrt_().t()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Gaussian-mixture blobs: synthetic anomalies
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class BlobParams:
+    """Parameters of the blobs added to each image; ``K`` is the largest component count.
+
+    ``centre (B, K, 2)`` in [0, 1] (y, x); ``sigma (B, K, 2)`` as fractions of the image side;
+    ``angle (B, K)`` radians; ``amplitude (B, K)`` signed; ``active (B, K)`` bool;
+    ``colour (B, C)`` per-channel weights.
+    """
+
+    centre: Tensor
+    sigma: Tensor
+    angle: Tensor
+    amplitude: Tensor
+    active: Tensor
+    colour: Tensor
+
+
+def _uniform(shape: tuple[int, ...], low: float, high: float, generator: torch.Generator, device) -> Tensor:
+    return low + (high - low) * torch.rand(shape, generator=generator, device=device)
+
+
+def gmm_blobs(images: Tensor, n_components: tuple[int, int] = (1, 4), centre: tuple[float, float] = (0.15, 0.85),
+              sigma: tuple[float, float] = (0.02, 0.12), rotation: tuple[float, float] = (0.0, math.pi),
+              amplitude: tuple[float, float] = (0.3, 1.5), signs: str = "both", colour: str = "random",
+              mask_level: float = 2.0, generator: torch.Generator | None = None,
+              ) -> tuple[Tensor, Tensor, BlobParams, Tensor]:
+    """Add a random mixture of 2-D Gaussians to each image: synthetic anomalies with exact masks.
+
+    For image ``b`` with ``n_b`` components drawn from ``n_components`` (inclusive), the blob field is
+    ``g(u) = sum_k a_k exp(-q_k(u) / 2)`` with ``q_k`` the rotated anisotropic quadratic form of centre
+    ``c_k``, standard deviations ``sigma_k`` (fractions of the side) and angle ``theta_k``; the image
+    becomes ``x + g * colour`` (colour: ``"random"`` unit-norm-ish per-channel weights in [0.5, 1], or
+    ``"gray"`` all ones). Fully vectorized over images and components, on the images' device; the
+    same ``generator`` seed gives the same anomalies.
+
+    Returns:
+        anomalous images ``(B, C, H, W)``; masks ``(B, 1, H, W)``: pixels inside some component's
+        ``mask_level``-sigma ellipse; the :class:`BlobParams`; and a score ``(B,)``:
+        ``sum_k |a_k| * area_k``, with ``area_k = pi * (mask_level sigma_y)(mask_level sigma_x)`` the
+        ellipse's area as a fraction of the image, i.e. the blobs' total contrast times extent.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
+    if not images.dtype.is_floating_point:
+        raise TypeError(f"images must be floating point, got {images.dtype}")
+    lo, hi = n_components
+    if not 1 <= lo <= hi:
+        raise ValueError(f"n_components must be (min, max) with 1 <= min <= max, got {n_components}")
+    if signs not in ("both", "positive", "negative"):
+        raise ValueError(f"signs must be 'both', 'positive' or 'negative', got {signs!r}")
+    if colour not in ("random", "gray"):
+        raise ValueError(f"colour must be 'random' or 'gray', got {colour!r}")
+    b, c, h, w = images.shape
+    device = images.device
+    if generator is None:
+        generator = torch.Generator(device=device).manual_seed(0)
+    k = hi
+    count = torch.randint(lo, hi + 1, (b, 1), generator=generator, device=device)
+    active = torch.arange(k, device=device)[None] < count                           # (B, K)
+    centres = _uniform((b, k, 2), *centre, generator, device)
+    sigmas = _uniform((b, k, 2), *sigma, generator, device)
+    angles = _uniform((b, k), *rotation, generator, device)
+    amps = _uniform((b, k), *amplitude, generator, device)
+    if signs == "both":
+        amps = amps * torch.where(torch.rand((b, k), generator=generator, device=device) < 0.5, -1.0, 1.0)
+    elif signs == "negative":
+        amps = -amps
+    amps = amps * active
+    weights = (_uniform((b, c), 0.5, 1.0, generator, device) if colour == "random"
+               else torch.ones(b, c, device=device))
+
+    dtype = torch.float32
+    ys = (torch.arange(h, device=device, dtype=dtype) + 0.5) / h
+    xs = (torch.arange(w, device=device, dtype=dtype) + 0.5) / w
+    dy = ys.view(1, 1, h, 1) - centres[..., 0].view(b, k, 1, 1)                     # (B, K, H, 1)
+    dx = xs.view(1, 1, 1, w) - centres[..., 1].view(b, k, 1, 1)                     # (B, K, 1, W)
+    cos, sin = torch.cos(angles).view(b, k, 1, 1), torch.sin(angles).view(b, k, 1, 1)
+    u = (dx * cos + dy * sin) / sigmas[..., 1].view(b, k, 1, 1)
+    v = (-dx * sin + dy * cos) / sigmas[..., 0].view(b, k, 1, 1)
+    q = u * u + v * v                                                                # (B, K, H, W)
+    field = (amps.view(b, k, 1, 1) * torch.exp(-0.5 * q)).sum(1)                     # (B, H, W)
+    inside = (q <= mask_level ** 2) & active.view(b, k, 1, 1)
+    masks = inside.any(1, keepdim=True).to(images.dtype)
+    out = images + field[:, None].to(images.dtype) * weights.view(b, c, 1, 1).to(images.dtype)
+    area = math.pi * (mask_level * sigmas[..., 0]) * (mask_level * sigmas[..., 1])
+    score = (amps.abs() * area).sum(1)
+    params = BlobParams(centres, sigmas, angles, amps, active, weights)
+    return out, masks, params, score
