@@ -1,0 +1,208 @@
+"""adlib.kernels against float64 references: knn, greedy coreset, Gaussian fit + Mahalanobis, blobs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from adlib.kernels import (GaussianAccumulator, greedy_coreset, gmm_blobs, knn, mahalanobis,
+                           _greedy_coreset_reference)
+
+
+def _brute_knn(q: torch.Tensor, b: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64, by direct differences (no norm expansion, so duplicates give exactly 0)."""
+    d = ((q.double()[:, None, :] - b.double()[None]) ** 2).sum(-1).sqrt()
+    return d.topk(k, dim=1, largest=False)
+
+
+def _assert_knn_matches(q, b, k, budget_mb=256.0):
+    dist, idx = knn(q, b, k=k, budget_mb=budget_mb)
+    ref_d, _ = _brute_knn(q, b, k)
+    assert dist.shape == (q.shape[0], k) and idx.shape == (q.shape[0], k)
+    np.testing.assert_allclose(dist.double().numpy(), ref_d.numpy(), rtol=1e-4, atol=1e-6)
+    # the returned indices really are at the returned distances
+    direct = ((q.double()[:, None, :] - b.double()[idx]) ** 2).sum(-1).sqrt()
+    np.testing.assert_allclose(direct.numpy(), dist.double().numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("budget_mb", [0.05, 256.0])  # tiny budget: many tiles over queries and bank
+def test_knn_random_data(k, budget_mb):
+    g = torch.Generator().manual_seed(0)
+    q, b = torch.rand(700, 40, generator=g) * 5, torch.rand(3000, 40, generator=g) * 5
+    _assert_knn_matches(q, b, k, budget_mb)
+
+
+def test_knn_duplicates_are_exactly_zero():
+    g = torch.Generator().manual_seed(1)
+    b = torch.rand(500, 32, generator=g) + 10.0   # far from the origin: the expansion would cancel badly
+    q = torch.cat([b[:50], torch.rand(50, 32, generator=g) + 10.0])
+    dist, idx = knn(q, b, k=2)
+    assert torch.equal(dist[:50, 0], torch.zeros(50))
+    assert torch.equal(idx[:50, 0], torch.arange(50))
+    _assert_knn_matches(q, b, 2)
+
+
+def test_knn_real_features(real_root):
+    from adlib.backbones import FeatureExtractor
+    from adlib.data import MVTecDataset, load_split
+
+    images, _, _ = load_split(MVTecDataset(real_root, "bottle", "train", image_size=128, limit=6))
+    feats = FeatureExtractor(strides=(8,), device="cpu")(images)[8]        # (6, 40, 16, 16)
+    patches = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
+    _assert_knn_matches(patches[:256], patches[256:], k=3, budget_mb=1.0)
+
+
+def test_knn_float64_and_bad_input():
+    g = torch.Generator().manual_seed(2)
+    q, b = torch.rand(20, 8, generator=g, dtype=torch.float64), torch.rand(50, 8, generator=g, dtype=torch.float64)
+    dist, _ = knn(q, b, k=2)
+    assert dist.dtype == torch.float64
+    with pytest.raises(ValueError, match="features"):
+        knn(torch.rand(3, 4), torch.rand(5, 6))
+    with pytest.raises(ValueError, match="k must be"):
+        knn(torch.rand(3, 4), torch.rand(5, 4), k=6)
+    with pytest.raises(TypeError, match="half precision"):
+        knn(torch.rand(3, 4).half(), torch.rand(5, 4).half())
+    with pytest.raises(ValueError, match="empty"):
+        knn(torch.rand(3, 4), torch.rand(0, 4))
+    d, i = knn(torch.rand(0, 4), torch.rand(5, 4), k=2)
+    assert d.shape == (0, 2) and i.shape == (0, 2)
+
+
+def _clustered(n: int, dim: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    centres = 4 * torch.randn(30, dim, generator=g)
+    return centres[torch.randint(30, (n,), generator=g)] + torch.randn(n, dim, generator=g)
+
+
+@pytest.mark.parametrize("proj_dim", [16, 0])
+def test_coreset_same_selection_as_plain_loop(proj_dim):
+    x = _clustered(4000, 48, seed=3)
+    fast = greedy_coreset(x, n=300, proj_dim=proj_dim, seed=5)
+    plain = _greedy_coreset_reference(x, 300, proj_dim=proj_dim, seed=5)
+    assert torch.equal(fast, plain)
+    assert fast.unique().numel() == 300
+
+
+def test_coreset_covers_better_than_random():
+    x = torch.rand(3000, 3, generator=torch.Generator().manual_seed(4)) ** 3   # uneven density
+    chosen = greedy_coreset(x, ratio=0.05, proj_dim=0)
+    random = torch.randperm(3000, generator=torch.Generator().manual_seed(0))[: chosen.numel()]
+    radius = lambda idx: knn(x, x[idx])[0].max()
+    assert radius(chosen) < 0.8 * radius(random)
+
+
+def test_coreset_bad_arguments():
+    x = torch.rand(10, 4)
+    with pytest.raises(ValueError, match="exactly one"):
+        greedy_coreset(x)
+    with pytest.raises(ValueError, match="ratio"):
+        greedy_coreset(x, ratio=1.5)
+    with pytest.raises(ValueError, match="n must be"):
+        greedy_coreset(x, n=11)
+
+
+def _reference_mahalanobis(train: np.ndarray, test: np.ndarray, eps: float) -> np.ndarray:
+    """float64, position by position, with an explicit inverse: (N, C, P), (B, C, P) -> (B, P)."""
+    out = np.empty((test.shape[0], test.shape[2]))
+    for p in range(train.shape[2]):
+        x = train[:, :, p]
+        inv = np.linalg.inv(np.cov(x, rowvar=False) + eps * np.eye(x.shape[1]))
+        diff = test[:, :, p] - x.mean(0)
+        out[:, p] = np.sqrt(np.einsum("bc,cd,bd->b", diff, inv, diff))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_streaming_gaussian_matches_float64(dtype):
+    g = torch.Generator().manual_seed(6)
+    train = torch.randn(50, 12, 5, 6, generator=g) * 3 + 7   # offset: tests the shifted sums
+    test = torch.randn(4, 12, 5, 6, generator=g) * 3 + 7
+    acc = GaussianAccumulator(dtype=dtype)
+    for chunk in train.split(16):
+        acc.update(chunk)
+    gauss = acc.finalize(eps=0.01)
+    ref = _reference_mahalanobis(train.flatten(2).double().numpy(), test.flatten(2).double().numpy(), 0.01)
+    np.testing.assert_allclose(gauss.mahalanobis(test).double().numpy(), ref, rtol=1e-4)
+    np.testing.assert_allclose(gauss.mean.double().numpy(), train.flatten(2).double().mean(0).t().numpy(), rtol=1e-5)
+    small_budget = mahalanobis(test, gauss.mean, gauss.chol, budget_mb=0.001)   # one position per chunk
+    np.testing.assert_allclose(small_budget.double().numpy(), ref, rtol=1e-4)
+
+
+def test_singular_covariance_gets_jitter_not_nan():
+    train = torch.randn(3, 10, 2, 2)    # 3 samples, 10 channels: rank-deficient covariance
+    acc = GaussianAccumulator()
+    acc.update(train)
+    gauss = acc.finalize(eps=0.0)       # no regularization: jitter must rescue it
+    d = gauss.mahalanobis(torch.randn(2, 10, 2, 2))
+    assert torch.isfinite(d).all()
+
+
+def test_nan_features_give_a_clear_error():
+    train = torch.randn(8, 4, 2, 2)
+    train[0, 0, 0, 0] = float("nan")
+    acc = GaussianAccumulator()
+    acc.update(train)
+    with pytest.raises(ValueError, match="NaN"):
+        acc.finalize()
+
+
+def test_gaussian_fit_with_two_threads_in_a_fresh_process():
+    """anomalib's batched inverse crashed with 2 threads on this torch build; ours must not."""
+    code = ("import torch; torch.set_num_threads(2);"
+            "from adlib.kernels import GaussianAccumulator;"
+            "a = GaussianAccumulator(torch.float32); a.update(torch.randn(40, 64, 16, 16));"
+            "g = a.finalize(); d = g.mahalanobis(torch.randn(3, 64, 16, 16));"
+            "assert torch.isfinite(d).all(); print('ok', tuple(d.shape))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "ok (3, 256)" in proc.stdout, proc.stderr
+
+
+def test_blobs_are_deterministic_and_masks_match_the_change():
+    images = torch.zeros(6, 3, 48, 48)
+    out1, masks1, params1, score1 = gmm_blobs(images, generator=torch.Generator().manual_seed(0))
+    out2, masks2, _, score2 = gmm_blobs(images, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out1, out2) and torch.equal(masks1, masks2) and torch.equal(score1, score2)
+    assert masks1.shape == (6, 1, 48, 48)
+    change = (out1 - images).abs().amax(1, keepdim=True)
+    peak = params1.amplitude.abs().amax(1).view(-1, 1, 1, 1)
+    # inside the 2-sigma ellipses the change is visible, far outside it is tiny
+    assert (change[masks1 == 1] > 0).all()
+    assert ((change * (masks1 == 0)) <= 0.14 * peak * 4).all()  # e^{-2} = 0.135 of each amplitude, <= 4 parts
+    counts = params1.active.sum(1)
+    assert counts.min() >= 1 and counts.max() <= 4
+
+
+def test_blobs_match_a_per_image_loop():
+    images = torch.rand(3, 3, 32, 40)
+    out, _, p, score = gmm_blobs(images, colour="gray", generator=torch.Generator().manual_seed(1))
+    ys = (torch.arange(32) + 0.5) / 32
+    xs = (torch.arange(40) + 0.5) / 40
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+    for b in range(3):
+        field = torch.zeros(32, 40)
+        expected_score = 0.0
+        for k in range(p.active.shape[1]):
+            if not p.active[b, k]:
+                continue
+            cy, cx = p.centre[b, k]
+            sy, sx = p.sigma[b, k]
+            t = p.angle[b, k]
+            u = ((xx - cx) * torch.cos(t) + (yy - cy) * torch.sin(t)) / sx
+            v = (-(xx - cx) * torch.sin(t) + (yy - cy) * torch.cos(t)) / sy
+            field += p.amplitude[b, k] * torch.exp(-0.5 * (u * u + v * v))
+            expected_score += abs(float(p.amplitude[b, k])) * np.pi * 4 * float(sy * sx)
+        torch.testing.assert_close(out[b], images[b] + field, rtol=1e-5, atol=1e-5)
+        assert float(score[b]) == pytest.approx(expected_score, rel=1e-5)
+
+
+def test_blobs_bad_input():
+    with pytest.raises(ValueError, match="n_components"):
+        gmm_blobs(torch.zeros(1, 3, 8, 8), n_components=(0, 2))
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        gmm_blobs(torch.zeros(3, 8, 8))
