@@ -31,6 +31,7 @@ __all__ = [
     "DEFAULT_BACKBONE",
     "load_efficientnet_lite",
     "imagenet_categories",
+    "concat_stages",
 ]
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
@@ -273,3 +274,22 @@ def imagenet_categories() -> list[str]:
     import torchvision
 
     return list(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def concat_stages(features: dict[int, Tensor], grid: tuple[int, int], mode: str = "bilinear",
+                  aggregate: int = 1) -> Tensor:
+    """Stage features ``{stride: (B, C_s, h_s, w_s)}`` -> one map ``(B, sum C_s, *grid)``.
+
+    Each stage is first locally aggregated with a ``aggregate x aggregate`` average (PatchCore's
+    neighbourhood; 1 = none), then resized to ``grid`` (``mode``: "bilinear" or "nearest"), then
+    all are concatenated along channels in stride order.
+    """
+    maps = []
+    for stride in sorted(features):
+        x = features[stride]
+        if aggregate > 1:
+            x = F.avg_pool2d(x, aggregate, stride=1, padding=aggregate // 2, count_include_pad=False)
+        if tuple(x.shape[-2:]) != tuple(grid):
+            x = F.interpolate(x, size=grid, mode=mode, **({"align_corners": False} if mode == "bilinear" else {}))
+        maps.append(x)
+    return torch.cat(maps, 1)

@@ -209,11 +209,14 @@ def greedy_coreset(features: Tensor, ratio: float | None = None, n: int | None =
     index) is the first centre. Exact: the same selection as the plain algorithm
     (:func:`_greedy_coreset_reference`) given the same projection and start.
 
-    Fast because a step touches few points: with ``c(x)`` the centre nearest to ``x`` and
+    Fast because a step computes few distances: with ``c(x)`` the centre nearest to ``x`` and
     ``d(x)`` its distance, a new centre ``z`` can be nearer to ``x`` only if
     ``|c(x) - z| < 2 d(x)`` (triangle inequality). So a step computes ``|c - z|`` for the centres
-    (few) and exact distances only for the points that pass that test; as the coreset grows,
-    ``d(x)`` shrinks and almost every point is skipped.
+    (one matrix-vector product), tests every point with one gather and one comparison, and
+    computes exact distances only for the points that pass; as the coreset grows, ``d(x)`` shrinks
+    and almost every point is skipped. (Cluster-level pruning, which would skip the per-point
+    test, was measured slower on real 128-d patch features: distances concentrate, and most
+    clusters pass a test that uses the cluster radius instead of ``d(x)``.)
     """
     _check_matrix("features", features)
     size = _coreset_size(features.shape[0], ratio, n)
@@ -228,26 +231,54 @@ def greedy_coreset(features: Tensor, ratio: float | None = None, n: int | None =
         centres[0] = x[start]
         nearest = torch.zeros(n_points, dtype=torch.long, device=x.device)  # slot in `centres`
         dist = (x - x[start]).pow_(2).sum(1).sqrt_()
+        sq_norm = (x * x).sum(1)
+        centre_sq = torch.empty(size, dtype=x.dtype, device=x.device)
+        centre_sq[0] = sq_norm[start]
+        limit = 2.0 * dist * (1 + 1e-3) + 1e-3   # points with |c(x) - z| >= limit cannot move
         iterator = range(1, size)
         if progress:
             from tqdm import tqdm
             iterator = tqdm(iterator, desc="coreset", leave=False)
         for step in iterator:
-            new = int(torch.argmax(dist))
+            new = _argmax(dist)
             z = x[new]
             selected[step] = new
             centres[step] = z
-            centre_to_z = (centres[:step] - z).pow_(2).sum(1).sqrt_()          # (step,)
-            candidates = torch.nonzero(centre_to_z[nearest] < 2.0 * dist * (1 + 1e-6)).squeeze(1)
+            # |c - z| for every centre by one matrix-vector product (the norm expansion); it only
+            # prunes, so a small relative margin absorbs its rounding.
+            cz = torch.addmv(centre_sq[:step] + sq_norm[new], centres[:step], z, alpha=-2.0).clamp_min_(0).sqrt_()
+            centre_sq[step] = sq_norm[new]
+            candidates = _nonzero(_take(cz, nearest) < limit)
             if candidates.numel() == 0:
                 continue
             d_new = (x[candidates] - z).pow_(2).sum(1).sqrt_()
             closer = d_new < dist[candidates]
             moved = candidates[closer]
             dist[moved] = d_new[closer]
+            limit[moved] = 2.0 * d_new[closer] * (1 + 1e-3) + 1e-3
             nearest[moved] = step
             dist[new] = 0.0
+            limit[new] = 0.0
         return selected
+
+
+def _argmax(values: Tensor) -> int:
+    """First index of the maximum; NumPy on the CPU, where it is ~10x faster on 1-D arrays."""
+    return int(np.argmax(values.numpy())) if values.device.type == "cpu" else int(torch.argmax(values))
+
+
+def _take(values: Tensor, index: Tensor) -> Tensor:
+    """``values[index]`` for 1-D tensors; NumPy's take on the CPU (~3x faster than torch's gather)."""
+    if values.device.type == "cpu":
+        return torch.from_numpy(np.take(values.numpy(), index.numpy()))
+    return values[index]
+
+
+def _nonzero(mask: Tensor) -> Tensor:
+    """Indices of the true entries of a 1-D mask."""
+    if mask.device.type == "cpu":
+        return torch.from_numpy(np.flatnonzero(mask.numpy()))
+    return torch.nonzero(mask).squeeze(1)
 
 
 def _greedy_coreset_reference(features: Tensor, size: int, proj_dim: int = 128, seed: int = 0,

@@ -1,6 +1,8 @@
 """One file per method; importing this package registers them all."""
 
 from .base import DETECTORS, Detector, get_detector, load_detector, register
+from .padim import PaDiM
+from .patchcore import PatchCore
 from .pixel_stats import PixelStats
 
-__all__ = ["DETECTORS", "Detector", "get_detector", "load_detector", "register", "PixelStats"]
+__all__ = ["DETECTORS", "Detector", "get_detector", "load_detector", "register", "PaDiM", "PatchCore", "PixelStats"]

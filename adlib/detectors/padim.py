@@ -1,0 +1,100 @@
+"""PaDiM (Defard et al., 2021): a Gaussian per patch position, the Mahalanobis distance as score.
+
+fit: stride-4, 8 and 16 features, resized to the stride-4 grid and concatenated, a seeded random
+subset of ``n_features`` channels; per position the mean and covariance (+ eps I, eps 0.01) from a
+streaming accumulator, never holding all training features. predict: the Mahalanobis distance of
+each position's feature to its Gaussian, upsampled and smoothed; the image score is the maximum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from ..backbones import DEFAULT_BACKBONE, FeatureExtractor, concat_stages
+from ..kernels import GaussianAccumulator, mahalanobis
+from ..settings import default_device
+from .base import Detector, check_images, register, upsample_and_smooth
+
+
+@register("padim")
+@dataclass(eq=False)
+class PaDiM(Detector):
+    """PaDiM with the paper's defaults (``n_features`` = d, the random channel subset)."""
+
+    backbone: str = DEFAULT_BACKBONE
+    strides: tuple[int, ...] = (4, 8, 16)
+    n_features: int = 100
+    eps: float = 0.01
+    sigma: float = 4.0
+    seed: int = 0
+    device: str | None = None
+    channels: Tensor | None = field(default=None, init=False, repr=False)   # (d,) chosen channel indices
+    mean: Tensor | None = field(default=None, init=False, repr=False)       # (P, d)
+    chol: Tensor | None = field(default=None, init=False, repr=False)       # (P, d, d)
+    grid: tuple[int, int] | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.strides = tuple(self.strides)
+        self._device = default_device(self.device)
+        self._extractor: FeatureExtractor | None = None
+
+    @property
+    def extractor(self) -> FeatureExtractor:
+        if self._extractor is None:
+            self._extractor = FeatureExtractor(self.backbone, self.strides, self._device)
+        return self._extractor
+
+    def _choose_channels(self) -> Tensor:
+        total = sum(self.extractor.channels.values())
+        if not 1 <= self.n_features <= total:
+            raise ValueError(f"n_features must be in [1, {total}] for {self.backbone} strides {self.strides}")
+        generator = torch.Generator().manual_seed(self.seed)
+        return torch.randperm(total, generator=generator)[: self.n_features].sort().values
+
+    def embed(self, images: Tensor) -> Tensor:
+        """``(B, 3, H, W)`` -> ``(B, d, h, w)`` on the finest stride's grid, the chosen channels only."""
+        check_images(images)
+        feats = self.extractor(images)
+        grid = tuple(feats[min(self.strides)].shape[-2:])
+        emb = concat_stages(feats, grid, mode="nearest")
+        return emb.index_select(1, self.channels.to(emb.device))
+
+    def fit(self, train: Iterable[Tensor]) -> "PaDiM":
+        self.channels = self._choose_channels()
+        acc = GaussianAccumulator(dtype=torch.float64)
+        for batch in tqdm(train, desc="padim fit", leave=False):
+            emb = self.embed(batch)
+            if self.grid is None:
+                self.grid = tuple(emb.shape[-2:])
+            acc.update(emb)
+        gaussians = acc.finalize(self.eps)
+        self.mean, self.chol = gaussians.mean, gaussians.chol
+        return self
+
+    @torch.no_grad()
+    def predict(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        if self.mean is None:
+            raise RuntimeError("PaDiM is not fitted: call fit() first")
+        emb = self.embed(images)
+        if tuple(emb.shape[-2:]) != tuple(self.grid):
+            raise ValueError(f"images give a {tuple(emb.shape[-2:])} grid, the model was fitted on {self.grid}: "
+                             f"use the training image size")
+        b, _, h, w = emb.shape
+        dist = mahalanobis(emb, self.mean, self.chol).view(b, h, w)
+        maps = upsample_and_smooth(dist, tuple(images.shape[-2:]), self.sigma)
+        return maps.flatten(1).amax(1), maps
+
+    def state_dict(self) -> dict[str, Tensor]:
+        if self.mean is None:
+            return {}
+        return {"channels": self.channels, "mean": self.mean, "chol": self.chol, "grid": torch.tensor(self.grid)}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.channels = state["channels"]
+        self.mean, self.chol = state["mean"].to(self._device), state["chol"].to(self._device)
+        self.grid = tuple(int(v) for v in state["grid"])

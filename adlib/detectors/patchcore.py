@@ -1,0 +1,107 @@
+"""PatchCore (Roth et al., CVPR 2022): a memory bank of locally aggregated patch features.
+
+fit: every training image -> patch features ``(h*w, D)`` (stride-8 and stride-16 stages, 3x3 local
+average, resized to the stride-8 grid, concatenated) -> memory bank ``(N*h*w, D)`` -> greedy
+coreset (default 10%). predict: each test patch's distance to its nearest bank patch is its
+anomaly score; the image score is the maximum (optionally re-weighted as in the paper); the
+patch map is upsampled to the image and Gaussian-smoothed (sigma 4).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from ..backbones import DEFAULT_BACKBONE, FeatureExtractor, concat_stages
+from ..kernels import greedy_coreset, knn
+from ..settings import default_device
+from .base import Detector, check_images, register, upsample_and_smooth
+
+
+@register("patchcore")
+@dataclass(eq=False)
+class PatchCore(Detector):
+    """PatchCore with the paper's defaults; ``coreset_ratio=1.0`` keeps the whole bank."""
+
+    backbone: str = DEFAULT_BACKBONE
+    strides: tuple[int, ...] = (8, 16)
+    patch_size: int = 3
+    coreset_ratio: float = 0.1
+    proj_dim: int = 128
+    reweight: bool = False
+    num_neighbors: int = 9
+    sigma: float = 4.0
+    seed: int = 0
+    device: str | None = None
+    memory_bank: Tensor | None = field(default=None, init=False, repr=False)   # (M, D)
+
+    def __post_init__(self) -> None:
+        self.strides = tuple(self.strides)
+        self._device = default_device(self.device)
+        self._extractor: FeatureExtractor | None = None
+
+    @property
+    def extractor(self) -> FeatureExtractor:
+        if self._extractor is None:
+            self._extractor = FeatureExtractor(self.backbone, self.strides, self._device)
+        return self._extractor
+
+    def embed(self, images: Tensor) -> Tensor:
+        """``(B, 3, H, W)`` -> patch features ``(B, D, h, w)`` on the finest stride's grid."""
+        check_images(images)
+        feats = self.extractor(images)
+        grid = tuple(feats[min(self.strides)].shape[-2:])
+        return concat_stages(feats, grid, mode="bilinear", aggregate=self.patch_size)
+
+    def fit(self, train: Iterable[Tensor]) -> "PatchCore":
+        patches = []
+        for batch in tqdm(train, desc="patchcore features", leave=False):
+            emb = self.embed(batch)
+            patches.append(emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1]))
+        if not patches:
+            raise ValueError("no training images")
+        bank = torch.cat(patches)
+        if self.coreset_ratio < 1.0:
+            keep = greedy_coreset(bank, ratio=self.coreset_ratio, proj_dim=self.proj_dim, seed=self.seed,
+                                  progress=True)
+            bank = bank[keep]
+        self.memory_bank = bank.contiguous()
+        return self
+
+    @torch.no_grad()
+    def predict(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        if self.memory_bank is None:
+            raise RuntimeError("PatchCore is not fitted: call fit() first")
+        emb = self.embed(images)
+        b, d, h, w = emb.shape
+        patches = emb.permute(0, 2, 3, 1).reshape(-1, d)
+        dist, idx = knn(patches, self.memory_bank, k=1)
+        patch_scores = dist[:, 0].view(b, h * w)
+        scores = self._image_scores(patch_scores, patches.view(b, h * w, d), idx[:, 0].view(b, h * w))
+        maps = upsample_and_smooth(patch_scores.view(b, h, w), tuple(images.shape[-2:]), self.sigma)
+        return scores, maps
+
+    def _image_scores(self, patch_scores: Tensor, patches: Tensor, nearest: Tensor) -> Tensor:
+        """Max patch score, or the paper's re-weighting: ``s * (1 - softmax-weight of the nearest
+        bank patch among its own neighbours in the bank)``; large when that region of the bank is sparse."""
+        best, where = patch_scores.max(1)
+        if not self.reweight:
+            return best
+        rows = torch.arange(patches.shape[0], device=patches.device)
+        test_patch = patches[rows, where]                           # (B, D)
+        anchor = self.memory_bank[nearest[rows, where]]             # (B, D)
+        k = min(self.num_neighbors, self.memory_bank.shape[0])
+        _, neighbours = knn(anchor, self.memory_bank, k=k)          # (B, k), first is the anchor itself
+        dists = (self.memory_bank[neighbours] - test_patch[:, None]).norm(dim=-1)   # (B, k)
+        weight = 1 - torch.softmax(dists, dim=1)[:, 0]
+        return weight * best
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {} if self.memory_bank is None else {"memory_bank": self.memory_bank}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.memory_bank = state["memory_bank"].to(self._device)
