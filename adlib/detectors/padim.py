@@ -66,7 +66,7 @@ class PaDiM(Detector):
 
     def fit(self, train: Iterable[Tensor]) -> "PaDiM":
         self.channels = self._choose_channels()
-        acc = GaussianAccumulator(dtype=torch.float64)
+        acc = GaussianAccumulator(dtype=torch.float32)  # sums around a shift: float32 is accurate
         for batch in tqdm(train, desc="padim fit", leave=False):
             emb = self.embed(batch)
             if self.grid is None:

@@ -1,0 +1,375 @@
+"""``python -m adlib.bench [--quick] [--out DIR] [--only KERNEL ...]``: adlib's kernels against their peers.
+
+Every kernel and its peers run in this one process on the same inputs. The table gives median
+times, ``speedup = peer_s / adlib_s``, extra peak memory (RSS on the CPU, allocated bytes on CUDA)
+and ``max_rel_err``, the largest relative difference of the peer's result from adlib's (for the
+coreset: the relative difference of the coverage radius, negative = the peer covers worse). The
+``floor`` row of k-NN is the bare matrix product of the same shapes with the best BLAS here.
+
+Peers come from the ``bench`` extra (``pip install -e .[bench]``): anomalib (its own PatchCore
+nearest-neighbour search, KCenterGreedy, PaDiM Gaussian and distance) and faiss-cpu; a peer that
+is not installed is reported as skipped. Writes ``bench.md`` and ``bench.csv`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import math
+import statistics
+import time
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from . import kernels
+from .evaluate import PeakMemory
+from .settings import default_device
+
+COLUMNS = ["kernel", "peer", "size", "adlib_s", "peer_s", "speedup", "adlib_peak_mb", "peer_peak_mb", "max_rel_err"]
+
+
+@dataclass
+class Timing:
+    seconds: float
+    peak_mb: float
+    result: Any
+
+
+def measure(fn: Callable[[], Any], device: torch.device, repeat: int = 3) -> Timing:
+    """Median wall time of ``repeat`` runs after one warm-up (none when ``repeat == 1``), and the
+    extra peak memory of one run over what was in use before it."""
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    result = None
+    if repeat > 1:
+        result = fn()
+        sync()
+    gc.collect()
+    with PeakMemory(device) as peak:
+        base = peak.peak_mb
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            result = fn()
+            sync()
+            times.append(time.perf_counter() - start)
+    extra = peak.peak_mb - (base if device.type == "cpu" else 0.0)
+    return Timing(statistics.median(times), max(extra, 0.0), result)
+
+
+def _rel_err(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    ours, theirs = ours.double().cpu(), theirs.double().cpu()
+    scale = ours.abs().clamp_min(1e-6)
+    return float(((theirs - ours).abs() / scale).max())
+
+
+def _row(kernel: str, peer: str, size: str, ours: Timing, theirs: Timing | None, err: float | None) -> dict:
+    if theirs is None:
+        return {"kernel": kernel, "peer": peer, "size": size, "adlib_s": ours.seconds, "peer_s": None,
+                "speedup": None, "adlib_peak_mb": ours.peak_mb, "peer_peak_mb": None, "max_rel_err": None}
+    return {"kernel": kernel, "peer": peer, "size": size, "adlib_s": ours.seconds, "peer_s": theirs.seconds,
+            "speedup": theirs.seconds / ours.seconds, "adlib_peak_mb": ours.peak_mb,
+            "peer_peak_mb": theirs.peak_mb, "max_rel_err": err}
+
+
+def _try_import(name: str):
+    try:
+        return __import__(name, fromlist=["_"])
+    except Exception as err:  # noqa: BLE001 - a missing or broken peer is reported, not fatal
+        print(f"  (peer {name} unavailable: {type(err).__name__}: {err})")
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# k-NN
+# ---------------------------------------------------------------------------------------------
+
+def bench_knn(n_query: int, n_bank: int, dim: int, device: torch.device, repeat: int) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    # ReLU-like non-negative features with a common offset, as real CNN patch features are
+    queries = torch.rand(n_query, dim, generator=g).pow(2).to(device)
+    bank = torch.rand(n_bank, dim, generator=g).pow(2).to(device)
+    size = f"Q={n_query} M={n_bank} D={dim}"
+    ours = measure(lambda: kernels.knn(queries, bank, k=1), device, repeat)
+    ref_d = ours.result[0][:, 0]
+    rows = []
+
+    def floor() -> Any:
+        if device.type == "cpu":
+            return queries.numpy() @ bank.numpy().T
+        return queries @ bank.T
+    t = measure(floor, device, repeat)
+    rows.append(_row("knn", "floor", size, ours, t, None))
+
+    def cdist() -> torch.Tensor:
+        out = []
+        for chunk in queries.split(4096):
+            out.append(torch.cdist(chunk, bank).min(1).values)
+        return torch.cat(out)
+    t = measure(cdist, device, repeat)
+    rows.append(_row("knn", "torch.cdist+min", size, ours, t, _rel_err(ref_d, t.result)))
+
+    patchcore = _try_import("anomalib.models.image.patchcore.torch_model")
+    if patchcore is not None:
+        model = types.SimpleNamespace(memory_bank=bank, euclidean_dist=patchcore.PatchcoreModel.euclidean_dist)
+        t = measure(lambda: patchcore.PatchcoreModel.nearest_neighbors(model, queries, 1)[0], device, repeat)
+        rows.append(_row("knn", "anomalib PatchcoreModel.nearest_neighbors", size, ours, t,
+                         _rel_err(ref_d, t.result.flatten())))
+    else:
+        rows.append(_row("knn", "anomalib (not installed)", size, ours, None, None))
+
+    faiss = _try_import("faiss")
+    if faiss is not None and device.type == "cpu":
+        def faiss_search() -> torch.Tensor:
+            index = faiss.IndexFlatL2(dim)
+            index.add(bank.numpy())
+            dist2, _ = index.search(queries.numpy(), 1)
+            return torch.from_numpy(np.sqrt(np.maximum(dist2[:, 0], 0)))
+        t = measure(faiss_search, device, repeat)
+        rows.append(_row("knn", "faiss IndexFlatL2", size, ours, t, _rel_err(ref_d, t.result)))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Coreset
+# ---------------------------------------------------------------------------------------------
+
+def _coverage_radius(features: torch.Tensor, chosen: torch.Tensor) -> float:
+    return float(kernels.knn(features, features[chosen])[0].max())
+
+
+def _approximate_greedy(features: torch.Tensor, n: int, proj_dim: int, seed: int, n_start: int = 10) -> torch.Tensor:
+    """patchcore-inspection's approximate greedy coreset, written from its description: the
+    distances start as the mean distance to a few random points, then the greedy loop runs on
+    those approximate distances, reading all points every step."""
+    x = kernels.random_projection(features, proj_dim, seed)
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randperm(x.shape[0], generator=g)[:n_start]
+    dist = torch.cdist(x, x[starts]).mean(1, keepdim=True)
+    chosen = []
+    for _ in range(n):
+        new = int(torch.argmax(dist))
+        chosen.append(new)
+        dist = torch.minimum(dist, torch.cdist(x, x[new:new + 1]))
+    return torch.tensor(chosen)
+
+
+def bench_coreset(n_points: int, dim: int, ratio: float, device: torch.device) -> list[dict]:
+    g = torch.Generator().manual_seed(1)
+    centres = 3 * torch.randn(64, dim, generator=g)
+    features = (centres[torch.randint(64, (n_points,), generator=g)] + torch.randn(n_points, dim, generator=g))
+    features = features.to(device)
+    n = max(1, int(n_points * ratio))
+    size = f"N={n_points} D={dim} n={n}"
+    ours = measure(lambda: kernels.greedy_coreset(features, n=n, proj_dim=128), device, 1)
+    radius = _coverage_radius(features, ours.result)
+    rows = []
+    t = measure(lambda: kernels._greedy_coreset_reference(features, n, proj_dim=128), device, 1)
+    rows.append(_row("coreset", "plain greedy loop", size, ours, t,
+                     (_coverage_radius(features, t.result) - radius) / radius))
+    t = measure(lambda: _approximate_greedy(features, n, 128, 0), device, 1)
+    rows.append(_row("coreset", "approximate greedy (patchcore-inspection)", size, ours, t,
+                     (_coverage_radius(features, t.result) - radius) / radius))
+    sampling = _try_import("anomalib.models.components.sampling")
+    if sampling is not None:
+        ratio_exact = n / n_points + 0.5 / n_points  # anomalib takes int(N * ratio) points
+        t = measure(lambda: torch.as_tensor(sampling.KCenterGreedy(features, ratio_exact).select_coreset_idxs()),
+                    device, 1)
+        rows.append(_row("coreset", "anomalib KCenterGreedy", size, ours, t,
+                         (_coverage_radius(features, t.result) - radius) / radius))
+    else:
+        rows.append(_row("coreset", "anomalib (not installed)", size, ours, None, None))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-position Gaussian + Mahalanobis
+# ---------------------------------------------------------------------------------------------
+
+def _adlib_gaussian(embedding: torch.Tensor, batch: int = 32) -> kernels.PositionGaussians:
+    acc = kernels.GaussianAccumulator(torch.float32)
+    for chunk in embedding.split(batch):
+        acc.update(chunk)
+    return acc.finalize(0.01)
+
+
+def _naive_gaussian(embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per position: torch.cov, + 0.01 I, torch.linalg.inv, a Python loop over positions."""
+    n, c, h, w = embedding.shape
+    x = embedding.view(n, c, h * w)
+    mean = x.mean(0)
+    inv = torch.empty(h * w, c, c)
+    eye = torch.eye(c)
+    for p in range(h * w):
+        inv[p] = torch.linalg.inv(torch.cov(x[:, :, p].T) + 0.01 * eye)
+    return mean, inv
+
+
+def _naive_distance(test: torch.Tensor, mean: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+    b, c, h, w = test.shape
+    x = test.view(b, c, h * w)
+    out = torch.empty(b, h * w)
+    for p in range(h * w):
+        d = x[:, :, p] - mean[:, p]
+        out[:, p] = ((d @ inv[p]) * d).sum(1).sqrt()
+    return out
+
+
+def bench_mahalanobis(n_train: int, channels: int, side: int, device: torch.device, repeat: int) -> list[dict]:
+    g = torch.Generator().manual_seed(2)
+    mix = torch.randn(channels, channels, generator=g) / math.sqrt(channels)
+    train = (torch.randn(n_train, side * side, channels, generator=g) @ mix).permute(0, 2, 1)
+    train = train.reshape(n_train, channels, side, side).contiguous().to(device)
+    test = train[:8] + 0.5 * torch.randn(8, channels, side, side, generator=g).to(device)
+    size = f"N={n_train} C={channels} P={side}x{side}"
+    rows = []
+    fit = measure(lambda: _adlib_gaussian(train), device, 1)
+    gauss = fit.result
+    dist = measure(lambda: gauss.mahalanobis(test), device, repeat)
+    ref = dist.result
+    anomalib_gauss = _try_import("anomalib.models.components.stats.multi_variate_gaussian")
+    anomalib_map = _try_import("anomalib.models.image.padim.anomaly_map")
+    if anomalib_gauss is not None and anomalib_map is not None:
+        try:
+            t_fit = measure(lambda: anomalib_gauss.MultiVariateGaussian().fit(train), device, 1)
+            stats = t_fit.result
+            t_dist = measure(lambda: anomalib_map.AnomalyMapGenerator.compute_distance(test, stats), device, repeat)
+            theirs = t_dist.result.view(test.shape[0], -1)
+            err = _rel_err(ref, theirs)
+            rows.append(_row("gaussian_fit", "anomalib MultiVariateGaussian.fit", size, fit, t_fit, err))
+            rows.append(_row("mahalanobis", "anomalib AnomalyMapGenerator.compute_distance", size, dist, t_dist, err))
+        except Exception as error:  # noqa: BLE001 - anomalib's fit has crashed on this CPU build
+            print(f"  anomalib PaDiM failed: {type(error).__name__}: {error}")
+            rows.append(_row("gaussian_fit", f"anomalib (failed: {type(error).__name__})", size, fit, None, None))
+    if device.type == "cpu" and channels <= 200:
+        t_fit = measure(lambda: _naive_gaussian(train), device, 1)
+        mean, inv = t_fit.result
+        t_dist = measure(lambda: _naive_distance(test, mean, inv), device, 1)
+        err = _rel_err(ref, t_dist.result)
+        rows.append(_row("gaussian_fit", "naive per-position torch.linalg.inv", size, fit, t_fit, err))
+        rows.append(_row("mahalanobis", "naive per-position loop", size, dist, t_dist, err))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Blobs
+# ---------------------------------------------------------------------------------------------
+
+def _blobs_loop(images: torch.Tensor, params: kernels.BlobParams) -> torch.Tensor:
+    """The same blobs, one image and one component at a time."""
+    b, c, h, w = images.shape
+    ys = (torch.arange(h, device=images.device) + 0.5) / h
+    xs = (torch.arange(w, device=images.device) + 0.5) / w
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+    out = images.clone()
+    for i in range(b):
+        for k in range(params.active.shape[1]):
+            if not params.active[i, k]:
+                continue
+            cy, cx = params.centre[i, k]
+            sy, sx = params.sigma[i, k]
+            t = params.angle[i, k]
+            u = ((xx - cx) * torch.cos(t) + (yy - cy) * torch.sin(t)) / sx
+            v = (-(xx - cx) * torch.sin(t) + (yy - cy) * torch.cos(t)) / sy
+            blob = params.amplitude[i, k] * torch.exp(-0.5 * (u * u + v * v))
+            out[i] += blob * params.colour[i].view(c, 1, 1)
+    return out
+
+
+def bench_blobs(n_images: int, side: int, device: torch.device, repeat: int) -> list[dict]:
+    images = torch.rand(n_images, 3, side, side, generator=torch.Generator().manual_seed(3)).to(device)
+    size = f"B={n_images} 3x{side}x{side}"
+
+    def ours_fn():
+        return kernels.gmm_blobs(images, generator=torch.Generator(device=device).manual_seed(0))
+    ours = measure(ours_fn, device, repeat)
+    params = ours.result[2]
+    t = measure(lambda: _blobs_loop(images, params), device, 1)
+    change = (ours.result[0] - images).abs().max()
+    err = float((t.result - ours.result[0]).abs().max() / change)   # relative to the largest blob value
+    return [_row("gmm_blobs", "per-image Python loop", size, ours, t, err)]
+
+
+# ---------------------------------------------------------------------------------------------
+
+SIZES = {
+    "quick": {"knn": [(6272, 16384, 152), (6272, 16384, 1536)], "coreset": [(20480, 152, 0.01)],
+              "mahalanobis": [(64, 100, 28)], "blobs": [(64, 224)]},
+    "full": {"knn": [(39200, 16384, 152), (39200, 163840, 152), (39200, 16384, 1536)],
+             "coreset": [(81920, 152, 0.1)], "mahalanobis": [(209, 100, 56), (209, 550, 56)],
+             "blobs": [(256, 224)]},
+}
+
+
+def run(quick: bool, only: list[str] | None, device: torch.device) -> list[dict]:
+    sizes = SIZES["quick" if quick else "full"]
+    repeat = 3 if quick else 1
+    rows: list[dict] = []
+    wanted = set(only or ["knn", "coreset", "mahalanobis", "blobs"])
+    if "knn" in wanted:
+        for q, m, d in sizes["knn"]:
+            print(f"knn Q={q} M={m} D={d}")
+            rows += bench_knn(q, m, d, device, repeat)
+    if "coreset" in wanted:
+        for n, d, ratio in sizes["coreset"]:
+            print(f"coreset N={n} D={d} ratio={ratio}")
+            rows += bench_coreset(n, d, ratio, device)
+    if "mahalanobis" in wanted:
+        for n, c, side in sizes["mahalanobis"]:
+            print(f"gaussian N={n} C={c} P={side}x{side}")
+            rows += bench_mahalanobis(n, c, side, device, repeat)
+    if "blobs" in wanted:
+        for b, side in sizes["blobs"]:
+            print(f"blobs B={b} side={side}")
+            rows += bench_blobs(b, side, device, repeat)
+    return rows
+
+
+def to_markdown(rows: list[dict]) -> str:
+    def fmt(v: Any, key: str) -> str:
+        if v is None:
+            return "n/a"
+        if isinstance(v, float):
+            if key == "speedup":
+                return f"{v:.2f}x"
+            if key == "max_rel_err":
+                return f"{v:.1e}"
+            return f"{v:.3f}" if key.endswith("_s") else f"{v:.0f}"
+        return str(v)
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(fmt(r[k], k) for k in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m adlib.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes (minutes on a laptop CPU)")
+    parser.add_argument("--out", type=Path, default=Path("bench_out"))
+    parser.add_argument("--only", nargs="*", choices=["knn", "coreset", "mahalanobis", "blobs"])
+    parser.add_argument("--device", default=None)
+    args = parser.parse_args(argv)
+    device = default_device(args.device)
+    print(f"device: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    rows = run(args.quick, args.only, device)
+    table = to_markdown(rows)
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench.md").write_text(f"device: {device}\n\n{table}\n")
+    with open(args.out / "bench.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {args.out / 'bench.md'} and {args.out / 'bench.csv'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
