@@ -15,7 +15,7 @@ from . import metrics
 from .data import denormalize
 
 __all__ = ["use_style", "show_image", "overlay", "plot_roc", "plot_score_histogram", "example_grid",
-           "NORMAL_COLOR", "ANOMALY_COLOR"]
+           "failure_grid", "NORMAL_COLOR", "ANOMALY_COLOR"]
 
 NORMAL_COLOR = "#2b83ba"
 ANOMALY_COLOR = "#d7191c"
@@ -122,4 +122,21 @@ def example_grid(images: Tensor, maps: Tensor | None = None, masks: Tensor | Non
             if mask is not None and float(mask.max()) > 0:
                 ax.contour(_np2d(mask), levels=[0.5], colors="cyan", linewidths=1.0)
     fig.tight_layout()
+    return fig
+
+
+def failure_grid(evaluation: Any, images: Tensor, k: int = 3, size: float = 2.4) -> plt.Figure:
+    """Three rows of ``k`` test images with their maps and masks: the top-scoring defects, the
+    highest-scoring normal images (false alarms first) and the lowest-scoring defects (misses
+    first). ``evaluation`` is an :class:`adlib.Evaluation`; ``images (N, 3, H, W)`` in test order."""
+    scores, labels = evaluation.scores, evaluation.labels
+    order = torch.argsort(scores, descending=True).tolist()
+    defects_high = [i for i in order if labels[i] == 1][:k]
+    normals_high = [i for i in order if labels[i] == 0][:k]
+    defects_low = [i for i in reversed(order) if labels[i] == 1][:k]
+    picks = defects_high + normals_high + defects_low
+    titles = [f"{evaluation.defects[i]} s={float(scores[i]):.3g}" for i in picks]
+    fig = example_grid(images[picks], evaluation.maps[picks], evaluation.masks[picks][:, None], titles=titles,
+                       ncols=k, size=size)
+    fig.suptitle("rows: top-scoring defects / highest-scoring normals / lowest-scoring defects", y=1.02)
     return fig

@@ -1,0 +1,38 @@
+"""adlib.bench writes the documented table; its peers agree with adlib (correctness, not speed)."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+from adlib import bench, kernels
+
+
+def test_bench_writes_the_documented_csv(tmp_path):
+    assert bench.main(["--quick", "--only", "blobs", "--out", str(tmp_path), "--device", "cpu"]) == 0
+    with open(tmp_path / "bench.csv") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == bench.COLUMNS
+        rows = list(reader)
+    assert rows and all(r["kernel"] == "gmm_blobs" for r in rows)
+    row = rows[0]
+    assert float(row["speedup"]) == pytest.approx(float(row["peer_s"]) / float(row["adlib_s"]), rel=1e-9)
+    assert float(row["max_rel_err"]) < 1e-4                      # the loop makes the same blobs
+    assert "device: cpu" in (tmp_path / "bench.md").read_text()
+
+
+def test_naive_gaussian_peer_agrees_with_adlib():
+    train = torch.randn(30, 6, 3, 3, generator=torch.Generator().manual_seed(0))
+    test = torch.randn(2, 6, 3, 3, generator=torch.Generator().manual_seed(1))
+    mean, inv = bench._naive_gaussian(train)
+    ours = bench._adlib_gaussian(train).mahalanobis(test)
+    torch.testing.assert_close(bench._naive_distance(test, mean, inv), ours, rtol=1e-4, atol=1e-5)
+
+
+def test_approximate_greedy_peer_returns_distinct_points():
+    x = torch.randn(500, 16, generator=torch.Generator().manual_seed(2))
+    chosen = bench._approximate_greedy(x, 20, proj_dim=0, seed=0)
+    assert chosen.unique().numel() == 20
+    assert bench._coverage_radius(x, chosen) < bench._coverage_radius(x, torch.arange(20))
