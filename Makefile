@@ -1,6 +1,7 @@
 # Two commands on a bare machine:
 #   make book   set up .venv and build the book from the notebooks' stored outputs (EXECUTE=1 re-runs them)
 #   make test   run the whole test suite in the small configuration (sets up first if needed)
+#   make bench  install the peers (anomalib, faiss-cpu) and run the kernel benchmark (QUICK=1: small sizes)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -43,6 +44,10 @@ notebooks: setup
 	@start=$$(date +%s); \
 	cd notebooks && ADLIB_SMALL=1 ../$(BIN)/python -m pytest --nbval-lax -p no:cacheprovider $(notdir $(NOTEBOOKS)); rc=$$?; \
 	echo "[timing] notebooks (nbval, small configuration): $$(( $$(date +%s) - start ))s"; exit $$rc
+
+bench: setup
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[bench]"
+	$(BIN)/python -m adlib.bench --out bench_results $(if $(QUICK),--quick,)
 
 clean:
 	rm -rf _build .pytest_cache

@@ -3,8 +3,9 @@
 Every kernel and its peers run in this one process on the same inputs. The table gives median
 times, ``speedup = peer_s / adlib_s``, extra peak memory (RSS on the CPU, allocated bytes on CUDA)
 and ``max_rel_err``, the largest relative difference of the peer's result from adlib's (for the
-coreset: the relative difference of the coverage radius, negative = the peer covers worse). The
-``floor`` row of k-NN is the bare matrix product of the same shapes with the best BLAS here.
+coreset: ``(peer radius - adlib radius) / adlib radius`` of the coverage radius; positive = the
+peer covers worse). The ``floor`` row of k-NN is the bare matrix product of the same shapes,
+tiled, with the best BLAS here.
 
 Peers come from the ``bench`` extra (``pip install -e .[bench]``): anomalib (its own PatchCore
 nearest-neighbour search, KCenterGreedy, PaDiM Gaussian and distance) and faiss-cpu; a peer that

@@ -55,11 +55,14 @@ def overlay(ax: plt.Axes, image: Tensor, anomaly_map: Tensor | np.ndarray, mask:
             vmin: float | None = None, vmax: float | None = None, alpha: float = 0.5, title: str | None = None) -> Any:
     """Heat map ``(H, W)`` over the image ``(3, H, W)``, the ground-truth ``mask`` as a cyan contour.
 
-    Pass one ``vmin``/``vmax`` for all images of a figure so that colours compare across images.
-    Returns the heat-map artist (for a colour bar).
+    Pass one ``vmin``/``vmax`` for all images of a figure so that colours compare across images;
+    values below ``vmin`` are left transparent, so the image stays visible where nothing is
+    anomalous. Returns the heat-map artist (for a colour bar).
     """
     show_image(ax, image, title)
-    art = ax.imshow(_np2d(anomaly_map), cmap=MAP_CMAP, alpha=alpha, vmin=vmin, vmax=vmax)
+    values = _np2d(anomaly_map)
+    shown = np.ma.masked_less(values, vmin) if vmin is not None else values
+    art = ax.imshow(shown, cmap=MAP_CMAP, alpha=alpha, vmin=vmin, vmax=vmax)
     if mask is not None:
         m = _np2d(mask)
         if m.max() > 0:
@@ -98,17 +101,18 @@ def plot_score_histogram(scores: Any, labels: Any, ax: plt.Axes | None = None, t
 
 
 def example_grid(images: Tensor, maps: Tensor | None = None, masks: Tensor | None = None,
-                 titles: Sequence[str] | None = None, ncols: int = 6, size: float = 1.9) -> plt.Figure:
-    """Images ``(N, 3, H, W)`` in a grid; with ``maps (N, H, W)`` as overlays on one colour scale,
-    with ``masks (N, 1, H, W)`` as contours."""
+                 titles: Sequence[str] | None = None, ncols: int = 6, size: float = 1.9,
+                 vmin: float | None = None, vmax: float | None = None) -> plt.Figure:
+    """Images ``(N, 3, H, W)`` in a grid; with ``maps (N, H, W)`` as overlays on one colour scale
+    (default: the maps' minimum to their 99.9th percentile), with ``masks (N, 1, H, W)`` as contours."""
     n = images.shape[0]
     ncols = min(ncols, n)
     nrows = -(-n // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows + 0.3), squeeze=False)
-    vmin = vmax = None
-    if maps is not None:
+    if maps is not None and (vmin is None or vmax is None):
         flat = maps.detach().float().cpu().flatten()
-        vmin, vmax = float(flat.min()), float(torch.quantile(flat[:: max(1, flat.numel() // 1_000_000)], 0.999))
+        vmin = float(flat.min()) if vmin is None else vmin
+        vmax = float(torch.quantile(flat[:: max(1, flat.numel() // 1_000_000)], 0.999)) if vmax is None else vmax
     for i, ax in enumerate(axes.flat):
         if i >= n:
             ax.set_axis_off()
@@ -128,7 +132,12 @@ def example_grid(images: Tensor, maps: Tensor | None = None, masks: Tensor | Non
 def failure_grid(evaluation: Any, images: Tensor, k: int = 3, size: float = 2.4) -> plt.Figure:
     """Three rows of ``k`` test images with their maps and masks: the top-scoring defects, the
     highest-scoring normal images (false alarms first) and the lowest-scoring defects (misses
-    first). ``evaluation`` is an :class:`adlib.Evaluation`; ``images (N, 3, H, W)`` in test order."""
+    first). ``evaluation`` is an :class:`adlib.Evaluation`; ``images (N, 3, H, W)`` in test order.
+
+    The colour scale is set by the normal images: transparent below the 99th percentile of their
+    pixels,
+    saturated at twice their largest score, so what stands out is what normal variation does not
+    explain, and a miss shows whatever faint response it has."""
     scores, labels = evaluation.scores, evaluation.labels
     order = torch.argsort(scores, descending=True).tolist()
     defects_high = [i for i in order if labels[i] == 1][:k]
@@ -136,7 +145,11 @@ def failure_grid(evaluation: Any, images: Tensor, k: int = 3, size: float = 2.4)
     defects_low = [i for i in reversed(order) if labels[i] == 1][:k]
     picks = defects_high + normals_high + defects_low
     titles = [f"{evaluation.defects[i]} s={float(scores[i]):.3g}" for i in picks]
+    normal_maps = evaluation.maps[labels == 0].flatten()
+    sample = normal_maps[:: max(1, normal_maps.numel() // 1_000_000)]
+    vmin = float(torch.quantile(sample, 0.99)) if normal_maps.numel() else None
+    vmax = 2.0 * float(scores[labels == 0].max()) if normal_maps.numel() else None
     fig = example_grid(images[picks], evaluation.maps[picks], evaluation.masks[picks][:, None], titles=titles,
-                       ncols=k, size=size)
+                       ncols=k, size=size, vmin=vmin, vmax=vmax)
     fig.suptitle("rows: top-scoring defects / highest-scoring normals / lowest-scoring defects", y=1.02)
     return fig

@@ -23,7 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Detector", "register", "get_detector", "load_detector", "DETECTORS", "upsample_and_smooth",
+from ..backbones import FeatureExtractor
+from ..settings import default_device
+
+__all__ = ["Detector", "FeatureDetector", "register", "get_detector", "load_detector", "DETECTORS", "upsample_and_smooth",
            "gaussian_blur", "check_images"]
 
 DETECTORS: dict[str, type["Detector"]] = {}
@@ -103,6 +106,23 @@ class Detector:
     def load(cls, path: str | os.PathLike, device: str | torch.device | None = None) -> "Detector":
         """Read a file written by :meth:`save` (any registered method, whatever ``cls`` is)."""
         return load_detector(path, device)
+
+
+class FeatureDetector(Detector):
+    """A detector on a frozen pretrained backbone. Subclasses are dataclasses with the fields
+    ``backbone``, ``strides`` and ``device``; the extractor is built on first use."""
+
+    def __post_init__(self) -> None:
+        self.strides = tuple(self.strides)
+        self._device = default_device(self.device)
+        self._extractor: FeatureExtractor | None = None
+
+    @property
+    def extractor(self) -> FeatureExtractor:
+        """The backbone's :class:`~adlib.backbones.FeatureExtractor` for ``strides``, on the device."""
+        if self._extractor is None:
+            self._extractor = FeatureExtractor(self.backbone, self.strides, self._device)
+        return self._extractor
 
 
 def load_detector(path: str | os.PathLike, device: str | torch.device | None = None) -> Detector:

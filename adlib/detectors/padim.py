@@ -15,15 +15,14 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from ..backbones import DEFAULT_BACKBONE, FeatureExtractor, concat_stages
+from ..backbones import DEFAULT_BACKBONE, concat_stages
 from ..kernels import GaussianAccumulator, mahalanobis
-from ..settings import default_device
-from .base import Detector, check_images, register, upsample_and_smooth
+from .base import FeatureDetector, check_images, register, upsample_and_smooth
 
 
 @register("padim")
 @dataclass(eq=False)
-class PaDiM(Detector):
+class PaDiM(FeatureDetector):
     """PaDiM with the paper's defaults (``n_features`` = d, the random channel subset)."""
 
     backbone: str = DEFAULT_BACKBONE
@@ -37,17 +36,6 @@ class PaDiM(Detector):
     mean: Tensor | None = field(default=None, init=False, repr=False)       # (P, d)
     chol: Tensor | None = field(default=None, init=False, repr=False)       # (P, d, d)
     grid: tuple[int, int] | None = field(default=None, init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        self.strides = tuple(self.strides)
-        self._device = default_device(self.device)
-        self._extractor: FeatureExtractor | None = None
-
-    @property
-    def extractor(self) -> FeatureExtractor:
-        if self._extractor is None:
-            self._extractor = FeatureExtractor(self.backbone, self.strides, self._device)
-        return self._extractor
 
     def _choose_channels(self) -> Tensor:
         total = sum(self.extractor.channels.values())

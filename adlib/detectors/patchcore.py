@@ -16,15 +16,14 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from ..backbones import DEFAULT_BACKBONE, FeatureExtractor, concat_stages
+from ..backbones import DEFAULT_BACKBONE, concat_stages
 from ..kernels import greedy_coreset, knn
-from ..settings import default_device
-from .base import Detector, check_images, register, upsample_and_smooth
+from .base import FeatureDetector, check_images, register, upsample_and_smooth
 
 
 @register("patchcore")
 @dataclass(eq=False)
-class PatchCore(Detector):
+class PatchCore(FeatureDetector):
     """PatchCore with the paper's defaults; ``coreset_ratio=1.0`` keeps the whole bank."""
 
     backbone: str = DEFAULT_BACKBONE
@@ -38,17 +37,6 @@ class PatchCore(Detector):
     seed: int = 0
     device: str | None = None
     memory_bank: Tensor | None = field(default=None, init=False, repr=False)   # (M, D)
-
-    def __post_init__(self) -> None:
-        self.strides = tuple(self.strides)
-        self._device = default_device(self.device)
-        self._extractor: FeatureExtractor | None = None
-
-    @property
-    def extractor(self) -> FeatureExtractor:
-        if self._extractor is None:
-            self._extractor = FeatureExtractor(self.backbone, self.strides, self._device)
-        return self._extractor
 
     def embed(self, images: Tensor) -> Tensor:
         """``(B, 3, H, W)`` -> patch features ``(B, D, h, w)`` on the finest stride's grid."""
