@@ -1,8 +1,10 @@
 """One file per method; importing this package registers them all."""
 
+from .autoencoder import Autoencoder
+from .dfr import DFR
 from .base import DETECTORS, Detector, get_detector, load_detector, register
 from .padim import PaDiM
 from .patchcore import PatchCore
 from .pixel_stats import PixelStats
 
-__all__ = ["DETECTORS", "Detector", "get_detector", "load_detector", "register", "PaDiM", "PatchCore", "PixelStats"]
+__all__ = ["Autoencoder", "DETECTORS", "DFR", "Detector", "get_detector", "load_detector", "register", "PaDiM", "PatchCore", "PixelStats"]
