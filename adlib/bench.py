@@ -10,6 +10,10 @@ tiled, with the best BLAS here.
 Peers come from the ``bench`` extra (``pip install -e .[bench]``): anomalib (its own PatchCore
 nearest-neighbour search, KCenterGreedy, PaDiM Gaussian and distance) and faiss-cpu; a peer that
 is not installed is reported as skipped. Writes ``bench.md`` and ``bench.csv`` to ``--out``.
+
+``--only methods`` runs whole methods instead: adlib's and anomalib's own PaDiM and PatchCore on
+the same MVTec category, weights and image size (see :mod:`adlib.peers`), and writes
+``methods.md`` and ``methods.csv``; ``--quick`` caps each split at 40 images.
 """
 
 from __future__ import annotations
@@ -363,16 +367,46 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m adlib.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (minutes on a laptop CPU)")
     parser.add_argument("--out", type=Path, default=Path("bench_out"))
-    parser.add_argument("--only", nargs="*", choices=["knn", "coreset", "mahalanobis", "blobs"])
+    parser.add_argument("--only", nargs="*", choices=["knn", "coreset", "mahalanobis", "blobs", "methods"])
     parser.add_argument("--device", default=None)
+    parser.add_argument("--category", default="bottle", help="MVTec AD category for --only methods")
     args = parser.parse_args(argv)
     device = default_device(args.device)
     print(f"device: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    if args.only and "methods" in args.only:
+        run_methods(args.category, args.quick, device, args.out)
+        args.only = [k for k in args.only if k != "methods"]
+        if not args.only:
+            return 0
     rows = run(args.quick, args.only, device)
     print(to_markdown(rows))
     save(rows, args.out, device)
     print(f"wrote {args.out / 'bench.md'} and {args.out / 'bench.csv'}")
     return 0
+
+
+METHOD_COLUMNS = ["method", "library", "category", "image_size", "image_auroc", "pixel_auroc", "aupro", "fit_s",
+                  "ms_per_image", "peak_mem_mb", "n_train", "n_test"]
+
+
+def run_methods(category: str, quick: bool, device: torch.device, out: Path) -> list[dict]:
+    """adlib vs anomalib, whole methods (:func:`adlib.peers.compare_methods`); writes methods.md/csv."""
+    from .peers import compare_methods
+
+    rows = compare_methods(category, limit=40 if quick else None, device=str(device))
+    lines = ["| " + " | ".join(METHOD_COLUMNS) + " |", "|" + "---|" * len(METHOD_COLUMNS)]
+    lines += ["| " + " | ".join(f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]) for k in METHOD_COLUMNS)
+              + " |" for r in rows]
+    table = "\n".join(lines)
+    print(table)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "methods.md").write_text(f"device: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}"
+                                    f"\n\n{table}\n")
+    with open(out / "methods.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=METHOD_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows
 
 
 def save(rows: list[dict], out: Path, device: torch.device) -> None:

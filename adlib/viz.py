@@ -136,7 +136,7 @@ def failure_grid(evaluation: Any, images: Tensor, k: int = 3, size: float = 2.4)
 
     The colour scale is set by the normal images: transparent below the 99th percentile of their
     pixels,
-    saturated at twice their largest score, so what stands out is what normal variation does not
+    saturated at twice their hottest pixel, so what stands out is what normal variation does not
     explain, and a miss shows whatever faint response it has."""
     scores, labels = evaluation.scores, evaluation.labels
     order = torch.argsort(scores, descending=True).tolist()
@@ -148,7 +148,8 @@ def failure_grid(evaluation: Any, images: Tensor, k: int = 3, size: float = 2.4)
     normal_maps = evaluation.maps[labels == 0].flatten()
     sample = normal_maps[:: max(1, normal_maps.numel() // 1_000_000)]
     vmin = float(torch.quantile(sample, 0.99)) if normal_maps.numel() else None
-    vmax = 2.0 * float(scores[labels == 0].max()) if normal_maps.numel() else None
+    # twice the hottest normal pixel (not the normal score, which may be a mean rather than a max)
+    vmax = 2.0 * float(normal_maps.max()) if normal_maps.numel() else None
     fig = example_grid(images[picks], evaluation.maps[picks], evaluation.masks[picks][:, None], titles=titles,
                        ncols=k, size=size, vmin=vmin, vmax=vmax)
     fig.suptitle("rows: top-scoring defects / highest-scoring normals / lowest-scoring defects", y=1.02)

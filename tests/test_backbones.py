@@ -70,3 +70,19 @@ def test_torchvision_offline_error_names_the_alternative(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
     with pytest.raises(RuntimeError, match="efficientnet_lite0"):
         FeatureExtractor("resnet18", device="cpu")
+
+
+def test_weights_available_looks_in_torchvision_cache(monkeypatch, tmp_path):
+    import torchvision
+
+    from adlib.backbones import weights_available
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    assert weights_available("efficientnet_lite0")
+    assert not weights_available("resnet50")
+    url = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / url.rsplit("/", 1)[-1]).write_bytes(b"")
+    assert weights_available("resnet50")
+    with pytest.raises(ValueError, match="unknown backbone"):
+        weights_available("vgg16")

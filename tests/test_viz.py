@@ -44,3 +44,13 @@ def test_overlay_leaves_values_below_vmin_transparent():
 def test_roc_legend_reports_auroc():
     fig = viz.plot_roc({"perfect": ([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1])})
     assert "AUROC 1.000" in fig.axes[0].get_legend().get_texts()[0].get_text()
+
+
+def test_failure_grid_colour_scale_works_for_mean_scores():
+    """A detector whose score is the map's mean (the autoencoder) still gets vmin < vmax."""
+    ev = _evaluation()
+    ev.scores = ev.maps.mean((1, 2))
+    fig = viz.failure_grid(ev, torch.zeros(9, 3, 16, 16), k=3)
+    fig.canvas.draw()  # the colour normalization is checked when drawing
+    vmin, vmax = fig.axes[0].images[-1].get_clim()
+    assert vmin < vmax and vmax == 2 * float(ev.maps[ev.labels == 0].max())

@@ -109,9 +109,7 @@ class Autoencoder(Detector):
 
     def _split(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         order = torch.randperm(n, generator=generator)
-        n_holdout = int(round(self.holdout * n))
-        if self.holdout > 0 and n_holdout < 2:
-            raise ValueError(f"holdout={self.holdout} of {n} images leaves fewer than 2 for the threshold")
+        n_holdout = max(2, int(round(self.holdout * n))) if self.holdout > 0 else 0  # a std needs 2 scores
         if n - n_holdout < 1:
             raise ValueError(f"no images left to train on ({n} images, holdout={self.holdout})")
         return order[n_holdout:], order[:n_holdout]

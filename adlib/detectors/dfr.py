@@ -42,14 +42,17 @@ def regional_features(features: dict[int, Tensor], grid: tuple[int, int]) -> Ten
     return torch.cat(maps, 1)
 
 
+def cumulative_explained_variance(features: Tensor) -> Tensor:
+    """``features (N, C)`` -> ``(C,)``: the fraction of variance the first k principal components explain."""
+    eig = torch.linalg.eigvalsh(torch.cov(features.double().T)).flip(0).clamp_min(0)
+    return eig.cumsum(0) / eig.sum()
+
+
 def pca_latent_dim(features: Tensor, explained_variance: float) -> int:
     """Smallest number of principal components of ``features (N, C)`` explaining the given fraction."""
     if not 0.0 < explained_variance <= 1.0:
         raise ValueError(f"explained_variance must be in (0, 1], got {explained_variance}")
-    x = features.double()
-    cov = torch.cov(x.T)
-    eig = torch.linalg.eigvalsh(cov).flip(0).clamp_min(0)
-    ratio = eig.cumsum(0) / eig.sum()
+    ratio = cumulative_explained_variance(features)
     return int(torch.searchsorted(ratio, torch.tensor(explained_variance, dtype=ratio.dtype)).item()) + 1
 
 

