@@ -26,6 +26,7 @@ book: setup
 	  for nb in $(NOTEBOOKS); do \
 	    echo "executing $$nb"; \
 	    $(BIN)/jupyter execute --inplace --timeout=7200 "$$nb" || exit 1; \
+	    $(BIN)/python tools/strip_stderr.py "$$nb"; \
 	  done; \
 	  echo "[timing] execute notebooks: $$(( $$(date +%s) - start ))s"; \
 	fi

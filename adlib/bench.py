@@ -13,7 +13,8 @@ is not installed is reported as skipped. Writes ``bench.md`` and ``bench.csv`` t
 
 ``--only methods`` runs whole methods instead: adlib's and anomalib's own PaDiM and PatchCore on
 the same MVTec category, weights and image size (see :mod:`adlib.peers`), and writes
-``methods.md`` and ``methods.csv``; ``--quick`` caps each split at 40 images.
+``methods.md`` and ``methods.csv``; ``--train-limit N`` caps the training images (``--quick``: 40),
+``--methods`` picks padim and/or patchcore.
 """
 
 from __future__ import annotations
@@ -370,11 +371,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", choices=["knn", "coreset", "mahalanobis", "blobs", "methods"])
     parser.add_argument("--device", default=None)
     parser.add_argument("--category", default="bottle", help="MVTec AD category for --only methods")
+    parser.add_argument("--methods", nargs="*", choices=["padim", "patchcore"], default=["padim", "patchcore"],
+                        help="which methods --only methods compares")
+    parser.add_argument("--train-limit", type=int, default=None, help="training images for --only methods")
     args = parser.parse_args(argv)
     device = default_device(args.device)
     print(f"device: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     if args.only and "methods" in args.only:
-        run_methods(args.category, args.quick, device, args.out)
+        train_limit = args.train_limit if args.train_limit is not None else (40 if args.quick else None)
+        run_methods(args.category, tuple(args.methods), train_limit, device, args.out)
         args.only = [k for k in args.only if k != "methods"]
         if not args.only:
             return 0
@@ -389,11 +394,12 @@ METHOD_COLUMNS = ["method", "library", "category", "image_size", "image_auroc", 
                   "ms_per_image", "peak_mem_mb", "n_train", "n_test"]
 
 
-def run_methods(category: str, quick: bool, device: torch.device, out: Path) -> list[dict]:
+def run_methods(category: str, methods: tuple[str, ...], train_limit: int | None, device: torch.device,
+                out: Path) -> list[dict]:
     """adlib vs anomalib, whole methods (:func:`adlib.peers.compare_methods`); writes methods.md/csv."""
     from .peers import compare_methods
 
-    rows = compare_methods(category, limit=40 if quick else None, device=str(device))
+    rows = compare_methods(category, train_limit=train_limit, device=str(device), methods=methods)
     lines = ["| " + " | ".join(METHOD_COLUMNS) + " |", "|" + "---|" * len(METHOD_COLUMNS)]
     lines += ["| " + " | ".join(f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]) for k in METHOD_COLUMNS)
               + " |" for r in rows]

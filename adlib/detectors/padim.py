@@ -37,7 +37,8 @@ class PaDiM(FeatureDetector):
     chol: Tensor | None = field(default=None, init=False, repr=False)       # (P, d, d)
     grid: tuple[int, int] | None = field(default=None, init=False, repr=False)
 
-    def _choose_channels(self) -> Tensor:
+    def choose_channels(self) -> Tensor:
+        """The seeded random subset of ``n_features`` channel indices ``(d,)``, sorted (PaDiM's d)."""
         total = sum(self.extractor.channels.values())
         if not 1 <= self.n_features <= total:
             raise ValueError(f"n_features must be in [1, {total}] for {self.backbone} strides {self.strides}")
@@ -53,7 +54,7 @@ class PaDiM(FeatureDetector):
         return emb.index_select(1, self.channels.to(emb.device))
 
     def fit(self, train: Iterable[Tensor]) -> "PaDiM":
-        self.channels = self._choose_channels()
+        self.channels = self.choose_channels()
         acc = GaussianAccumulator(dtype=torch.float32)  # sums around a shift: float32 is accurate
         for batch in tqdm(train, desc="padim fit", leave=False):
             emb = self.embed(batch)
