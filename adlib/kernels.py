@@ -19,10 +19,12 @@ import contextlib
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
+from scipy.linalg import lapack
+from threadpoolctl import threadpool_limits
 from torch import Tensor
 
 __all__ = ["knn", "greedy_coreset", "random_projection", "GaussianAccumulator", "PositionGaussians",
@@ -152,8 +154,6 @@ def _scan_cpu(queries: Tensor, bank: Tensor, centre: Tensor, bank_aug_t: Tensor,
     benchmark). Nothing inside the threads is a torch op: torch's OpenMP workers would spin
     against OpenBLAS on the same cores (measured: +30% on a 2-core machine).
     """
-    from threadpoolctl import threadpool_limits
-
     n_q, dim, n_b = queries.shape[0], bank_aug_t.shape[0], bank_aug_t.shape[1]
     n_threads = max(1, torch.get_num_threads())
     tile_q, tile_b = _cpu_tile_sizes(n_q, n_b, dim, budget_mb / n_threads)
@@ -395,95 +395,203 @@ def _greedy_coreset_reference(features: Tensor, size: int, proj_dim: int = 128, 
 # Per-position Gaussians and the Mahalanobis distance
 # ---------------------------------------------------------------------------------------------
 
+def _over_position_chunks(n_positions: int, chunk: int, work: Callable[[int, int], None]) -> None:
+    """CPU: ``work(p0, p1)`` for every chunk of positions, chunks dealt out to one thread per core,
+    each thread with a single-threaded BLAS (NumPy/SciPy release the GIL in BLAS and LAPACK).
+
+    Why threads over positions: the per-position matrices are small (C x C), so one multi-threaded
+    BLAS call per matrix spends its time synchronizing threads, and torch's batched CPU routines
+    call MKL one matrix at a time, which takes a generic path on AMD processors.
+    """
+    starts = list(range(0, n_positions, chunk))
+    n_threads = max(1, min(torch.get_num_threads(), len(starts)))
+
+    def run(my_starts: list[int]) -> None:
+        for p0 in my_starts:
+            work(p0, min(p0 + chunk, n_positions))
+
+    with threadpool_limits(1, user_api="blas"):
+        if n_threads == 1:
+            run(starts)
+        else:
+            with ThreadPoolExecutor(n_threads) as pool:
+                list(pool.map(run, [starts[i::n_threads] for i in range(n_threads)]))
+
+
 class GaussianAccumulator:
     """Streaming sums for a Gaussian per position, never holding all training features.
 
     ``update(x (B, C, H, W) or (B, C, P))`` adds a batch; ``finalize(eps)`` gives the fitted
     :class:`PositionGaussians`. Sums are taken around a shift (the first batch's mean) to avoid
-    the cancellation of ``E[x x^T] - mu mu^T``; the outer products are one batched matrix product
-    over positions, ``(P, C, B) @ (P, B, C)``, no Python loop over positions.
+    the cancellation of ``E[x x^T] - mu mu^T``. Batches are buffered and folded in together: the
+    outer products of a flush are one batched product per position block with a long inner
+    dimension, and the ``(P, C, C)`` sum, the largest array, is read and written once per flush.
 
     ``dtype`` of the sums: float64 (default) for accuracy, float32 halves the memory of the
-    ``(P, C, C)`` sum for large C.
+    ``(P, C, C)`` sum for large C (the shift keeps it accurate). ``buffer_mb``: how much feature
+    data to buffer before a flush; None = a quarter of the ``(P, C, C)`` sum's size, at least
+    256 MB, so the sum is read and written a handful of times whatever the number of images.
     """
 
-    def __init__(self, dtype: torch.dtype = torch.float64, buffer_mb: float = DEFAULT_BUDGET_MB):
+    def __init__(self, dtype: torch.dtype = torch.float64, buffer_mb: float | None = None):
         self.dtype = dtype
         self.buffer_mb = buffer_mb
         self.count = 0
         self.shift: Tensor | None = None   # (P, C)
         self.sum: Tensor | None = None     # (P, C)
         self.outer: Tensor | None = None   # (P, C, C)
-        self._pending: list[Tensor] = []
-        self._pending_bytes = 0
+        self._buffer: Tensor | None = None  # (P, capacity, C): batches, positions first
+        self._filled = 0
 
     def update(self, features: Tensor) -> None:
-        """Add a batch ``(B, C, H, W)`` or ``(B, C, P)``. Batches are buffered up to ``buffer_mb`` and
-        folded in together: the outer products are then one batched product with a long inner
-        dimension, and the ``(P, C, C)`` sum is read and written once per flush, not per batch."""
-        x = _positions_last(features, "features")            # (B, C, P)
-        if self._pending and x.shape[1:] != self._pending[0].shape[1:]:
+        """Add a batch ``(B, C, H, W)`` or ``(B, C, P)``."""
+        x = _positions_last(features, "features").detach()        # (B, C, P)
+        known = self._buffer.shape[::2] if self._buffer is not None else None
+        if known is not None and (x.shape[2], x.shape[1]) != tuple(known):
             raise ValueError(f"batch has {x.shape[1]} channels x {x.shape[2]} positions; earlier batches had "
-                             f"{self._pending[0].shape[1]} x {self._pending[0].shape[2]}")
-        if self.shift is not None and (x.shape[2] != self.shift.shape[0] or x.shape[1] != self.shift.shape[1]):
-            raise ValueError(f"batch has {x.shape[1]} channels x {x.shape[2]} positions; earlier batches had "
-                             f"{self.shift.shape[1]} x {self.shift.shape[0]}")
-        self._pending.append(x.detach())
-        self._pending_bytes += x.numel() * x.element_size()
-        if self._pending_bytes >= self.buffer_mb * 2**20:
-            self._flush()
+                             f"{known[1]} x {known[0]}")
+        if self._buffer is None:
+            _, c, p = x.shape
+            itemsize = torch.empty(0, dtype=self.dtype).element_size()
+            capacity = max(1, int(self._buffer_bytes(c, p) // (p * c * itemsize)))
+            self._buffer = torch.empty(p, capacity, c, dtype=self.dtype, device=x.device)
+        done = 0
+        while done < x.shape[0]:
+            take = min(x.shape[0] - done, self._buffer.shape[1] - self._filled)
+            _transpose_into(self._buffer[:, self._filled:self._filled + take], x[done:done + take])
+            self._filled += take
+            done += take
+            if self._filled == self._buffer.shape[1]:
+                self._flush()
+
+    def _buffer_bytes(self, channels: int, positions: int) -> float:
+        if self.buffer_mb is not None:
+            return self.buffer_mb * 2**20
+        itemsize = torch.empty(0, dtype=self.dtype).element_size()
+        return max(DEFAULT_BUDGET_MB * 2**20, positions * channels * channels * itemsize / 4)
 
     def _flush(self) -> None:
-        if not self._pending:
+        if self._buffer is None or self._filled == 0:
             return
-        x = torch.cat(self._pending).to(self.dtype).permute(2, 0, 1).contiguous()   # (P, B, C)
-        self._pending, self._pending_bytes = [], 0
-        if self.shift is None:
+        x = self._buffer[:, :self._filled]                        # (P, b, C)
+        self._filled = 0
+        first = self.shift is None
+        if first:
             self.shift = x.mean(1)
-            p, _, c = x.shape
-            self.sum = torch.zeros(p, c, dtype=self.dtype, device=x.device)
-            self.outer = torch.zeros(p, c, c, dtype=self.dtype, device=x.device)
+            self.sum = torch.zeros_like(self.shift)
+            # empty, not zeros: the first products write it (in threads, which also shares out
+            # the page faults of touching gigabytes of fresh memory)
+            self.outer = torch.empty(x.shape[0], x.shape[2], x.shape[2], dtype=self.dtype, device=x.device)
         x -= self.shift[:, None, :]
         self.sum += x.sum(1)
-        self.outer.baddbmm_(x.transpose(1, 2), x)
+        _add_gram(self.outer, x, overwrite=first)
         self.count += x.shape[1]
 
     def finalize(self, eps: float = 0.01, jitter_tries: int = 3) -> "PositionGaussians":
         """Mean ``(P, C)``, covariance ``+ eps I`` and its Cholesky factor ``(P, C, C)``.
 
-        If a covariance is still not positive definite (``eps`` = 0 with fewer samples than
-        channels, or NaN features), the jitter grows tenfold up to ``jitter_tries`` times; then a
-        clear error names the positions. Never NaN silently.
+        If a position's covariance is still not positive definite (``eps`` = 0 with fewer samples
+        than channels), its jitter grows tenfold up to ``jitter_tries`` times; then a clear error
+        names the position. NaN or infinite features raise a clear error. Never NaN silently.
         """
         self._flush()
+        self._buffer = None
         if self.count < 2 or self.outer is None:
             raise ValueError(f"need at least 2 samples to fit a Gaussian, got {self.count}")
         n = self.count
         mean_shifted = self.sum / n                                   # (P, C)
-        cov = self.outer
-        cov -= n * mean_shifted[:, :, None] * mean_shifted[:, None, :]
-        cov /= n - 1
         mean = (mean_shifted + self.shift).float()
-        self.outer = None  # the covariance now lives in `cov`; do not keep a second copy
-        chol = _cholesky_in_place(cov, eps, jitter_tries)
-        return PositionGaussians(mean=mean, chol=chol.float() if chol.dtype != torch.float32 else chol, eps=eps)
+        cov, self.outer = self.outer, None   # the covariance is made in place; no second copy
+        if not torch.isfinite(mean).all():
+            raise ValueError("covariance holds NaN or infinity: the features were not finite")
+        if cov.device.type == "cpu":
+            _covariance_cholesky_cpu(cov.numpy(), mean_shifted.numpy(), n, eps, jitter_tries)
+        else:
+            cov.baddbmm_(mean_shifted[:, :, None], mean_shifted[:, None, :], alpha=-n).div_(n - 1)
+            _cholesky_in_place(cov, eps, jitter_tries)
+        return PositionGaussians(mean=mean, chol=cov.float() if cov.dtype != torch.float32 else cov, eps=eps)
+
+
+def _transpose_into(dst: Tensor, src: Tensor) -> None:
+    """``dst (P, b, C) = src (b, C, P)`` rearranged. On the CPU image by image: a 2-D transpose
+    copy is cache-blocked, a 3-D permuted copy is not (6x slower measured at C = 550)."""
+    if dst.device.type != "cpu":
+        dst.copy_(src.permute(2, 0, 1))
+        return
+    for j in range(src.shape[0]):
+        dst[:, j].copy_(src[j].t())
+
+
+def _add_gram(outer: Tensor, x: Tensor, overwrite: bool = False) -> None:
+    """``outer[p] += x[p]^T x[p]`` (``=`` when ``overwrite``) for ``outer (P, C, C)``, ``x (P, B, C)``."""
+    if outer.device.type != "cpu":
+        outer.baddbmm_(x.transpose(1, 2), x, beta=0.0 if overwrite else 1.0)
+        return
+    outer_np, x_np = outer.numpy(), x.numpy()
+
+    def work(p0: int, p1: int) -> None:
+        xs = x_np[p0:p1]
+        if overwrite:
+            np.matmul(xs.transpose(0, 2, 1), xs, out=outer_np[p0:p1])
+        else:
+            outer_np[p0:p1] += np.matmul(xs.transpose(0, 2, 1), xs)
+    # 4 positions a chunk: the product's result is still in cache for the +=
+    _over_position_chunks(outer.shape[0], 4, work)
+
+
+def _covariance_cholesky_cpu(sums: np.ndarray, mean_shifted: np.ndarray, n: int, eps: float,
+                             jitter_tries: int) -> None:
+    """In place, in threads over chunks of positions: ``sums (P, C, C)`` of shifted outer products
+    -> covariance ``+ eps I`` -> lower Cholesky factor (LAPACK potrf, one call per position),
+    with a tenfold jitter, up to ``jitter_tries`` times, where a matrix is not positive definite."""
+    potrf = lapack.get_lapack_funcs("potrf", (sums[:1],))
+    c = sums.shape[-1]
+    diagonal = np.arange(c)
+
+    def work(p0: int, p1: int) -> None:
+        cov = sums[p0:p1]
+        m = mean_shifted[p0:p1]
+        cov -= n * m[:, :, None] * m[:, None, :]
+        cov /= n - 1
+        if not np.isfinite(cov).all():
+            raise ValueError("covariance holds NaN or infinity: the features were not finite")
+        cov[:, diagonal, diagonal] += eps
+        for i in range(p1 - p0):
+            # a C-order symmetric matrix is its own Fortran-order transpose: LAPACK's upper factor
+            # U (U^T U = A) of cov[i].T is, read in C order, the lower factor L (L L^T = A)
+            upper, info = potrf(cov[i].T, lower=0, clean=1)
+            jitter = eps
+            for _ in range(jitter_tries):
+                if info == 0:
+                    break
+                jitter = max(jitter, 1e-6) * 10
+                upper, info = potrf((cov[i] + (jitter - eps) * np.eye(c, dtype=cov.dtype)).T, lower=0, clean=1)
+            if info != 0:
+                raise ValueError(f"covariance not positive definite at position {p0 + i} even with jitter "
+                                 f"{jitter:g}; use a larger eps or more training images")
+            cov[i] = upper.T
+    _over_position_chunks(sums.shape[0], 8, work)
 
 
 def _cholesky_in_place(cov: Tensor, eps: float, jitter_tries: int, chunk: int = 256) -> Tensor:
-    """Cholesky factors of ``cov + eps I`` for ``(P, C, C)``, chunked over positions, in place."""
+    """Accelerators: Cholesky factors of ``cov + eps I`` for ``(P, C, C)``, chunked over positions,
+    in place; positions that are not positive definite get a tenfold jitter, up to
+    ``jitter_tries`` times."""
     c = cov.shape[-1]
     eye = torch.eye(c, dtype=cov.dtype, device=cov.device)
+    if not torch.isfinite(cov).all():
+        raise ValueError("covariance holds NaN or infinity: the features were not finite")
     for p0 in range(0, cov.shape[0], chunk):
         block = cov[p0:p0 + chunk]
+        factor, info = torch.linalg.cholesky_ex(block + eps * eye)
         jitter = eps
-        for attempt in range(jitter_tries + 1):
-            factor, info = torch.linalg.cholesky_ex(block + jitter * eye)
-            if int(info.max()) == 0 and torch.isfinite(factor).all():
+        for _ in range(jitter_tries):
+            bad = torch.nonzero(info).squeeze(1)
+            if len(bad) == 0:
                 break
-            if not torch.isfinite(block).all():
-                raise ValueError("covariance holds NaN or infinity: the features were not finite")
             jitter = max(jitter, 1e-6) * 10
-        else:
+            factor[bad], info[bad] = torch.linalg.cholesky_ex(block[bad] + jitter * eye)
+        if int(info.max()) != 0:
             bad = (p0 + torch.nonzero(info).squeeze(1)).tolist()[:10]
             raise ValueError(f"covariance not positive definite at positions {bad} even with jitter {jitter:g}; "
                              f"use a larger eps or more training images")
@@ -517,7 +625,9 @@ def mahalanobis(features: Tensor, mean: Tensor, chol: Tensor, budget_mb: float =
     """Mahalanobis distance of every position's feature to its Gaussian: ``(B, P)``.
 
     ``d_p(x) = |L_p^{-1} (x_p - mu_p)|`` with the Cholesky factor ``L_p`` (``L L^T = cov``), by a
-    batched triangular solve over positions, chunked so that the working set stays in budget.
+    batched triangular solve over positions, never an explicit inverse, chunked so that the
+    working set stays in budget. For a few test images the solve is bound by reading the factors
+    (``P C^2`` numbers); a LAPACK solve per position in threads was measured slower here.
     """
     x = _positions_last(features, "features")                 # (B, C, P)
     b, c, p = x.shape
