@@ -119,12 +119,13 @@ def _reference_mahalanobis(train: np.ndarray, test: np.ndarray, eps: float) -> n
     return out
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_streaming_gaussian_matches_float64(dtype):
+# buffer_mb 0.005 holds 3 of these images: batches of 16 are split across many flushes
+@pytest.mark.parametrize("dtype,buffer_mb", [(torch.float64, None), (torch.float32, None), (torch.float32, 0.005)])
+def test_streaming_gaussian_matches_float64(dtype, buffer_mb):
     g = torch.Generator().manual_seed(6)
     train = torch.randn(50, 12, 5, 6, generator=g) * 3 + 7   # offset: tests the shifted sums
     test = torch.randn(4, 12, 5, 6, generator=g) * 3 + 7
-    acc = GaussianAccumulator(dtype=dtype)
+    acc = GaussianAccumulator(dtype=dtype, buffer_mb=buffer_mb)
     for chunk in train.split(16):
         acc.update(chunk)
     gauss = acc.finalize(eps=0.01)
