@@ -9,7 +9,7 @@ import skimage.data
 import torch
 import torch.nn.functional as F
 
-from adlib.backbones import FeatureExtractor, imagenet_categories
+from adlib.backbones import FeatureExtractor, fold_batchnorm, imagenet_categories, load_efficientnet_lite
 from adlib.data import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -44,6 +44,19 @@ def test_feature_shapes_by_stride(lite0):
     assert {s: tuple(f.shape) for s, f in feats.items()} == {
         4: (2, 24, 56, 56), 8: (2, 40, 28, 28), 16: (2, 112, 14, 14), 32: (2, 320, 7, 7)}
     assert lite0.channels == {4: 24, 8: 40, 16: 112, 32: 320}
+
+
+@pytest.mark.parametrize("size", [224, 250])     # 250: odd sizes exercise the asymmetric 'SAME' padding
+def test_folded_batchnorm_gives_the_same_features_and_logits(size):
+    unfolded = load_efficientnet_lite("efficientnet_lite0").eval()
+    folded = fold_batchnorm(load_efficientnet_lite("efficientnet_lite0").eval())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref, got = unfolded.stage_features(x), folded.stage_features(x)
+        for stride in ref:
+            torch.testing.assert_close(got[stride], ref[stride], rtol=1e-4, atol=1e-4 * float(ref[stride].abs().max()))
+        torch.testing.assert_close(folded(x), unfolded(x), rtol=1e-4, atol=1e-3)
 
 
 def test_extractor_is_frozen_and_stays_in_eval(lite0):
