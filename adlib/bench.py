@@ -24,6 +24,7 @@ import csv
 import gc
 import math
 import statistics
+import threading
 import time
 import types
 from dataclasses import dataclass
@@ -101,23 +102,19 @@ def _try_import(name: str):
 def _threaded_products(queries: np.ndarray, bank: np.ndarray) -> None:
     """The products of k-NN as adlib runs them on the CPU (one single-threaded BLAS per core,
     small tiles), without the reduction."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from threadpoolctl import threadpool_limits
     n_threads = torch.get_num_threads()
     tile_q, tile_b = kernels._cpu_tile_sizes(len(queries), len(bank), queries.shape[1], 256 / n_threads)
     bank_t = np.ascontiguousarray(bank.T)
-    starts = list(range(0, len(queries), tile_q))
+    buffers = threading.local()
 
-    def work(my_starts: list[int]) -> None:
-        buffer = np.empty((tile_q, tile_b), dtype=np.float32)
-        for q0 in my_starts:
-            a = queries[q0:q0 + tile_q]
-            for b0 in range(0, bank_t.shape[1], tile_b):
-                b = bank_t[:, b0:b0 + tile_b]
-                np.matmul(a, b, out=buffer[: a.shape[0], : b.shape[1]])
-    with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(n_threads) as pool:
-        list(pool.map(work, [starts[i::n_threads] for i in range(n_threads)]))
+    def work(q0: int, q1: int) -> None:
+        if not hasattr(buffers, "tile"):
+            buffers.tile = np.empty((tile_q, tile_b), dtype=np.float32)
+        a = queries[q0:q1]
+        for b0 in range(0, bank_t.shape[1], tile_b):
+            b = bank_t[:, b0:b0 + tile_b]
+            np.matmul(a, b, out=buffers.tile[: a.shape[0], : b.shape[1]])
+    kernels._in_threads(len(queries), tile_q, work)
 
 
 def bench_knn(n_query: int, n_bank: int, dim: int, device: torch.device, repeat: int) -> list[dict]:

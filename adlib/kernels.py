@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -57,6 +58,31 @@ def _exact_fp32() -> Iterator[None]:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _in_threads(n_items: int, chunk: int, work: Callable[[int, int], None]) -> None:
+    """CPU: ``work(i0, i1)`` for every chunk of ``chunk`` items, the chunks dealt out round-robin to
+    one thread per core, each thread with a single-threaded BLAS.
+
+    Why: the kernels' CPU work is many small BLAS calls (a query tile, a few positions' C x C
+    matrices). One multi-threaded call for each spends its time synchronizing threads, and torch's
+    batched CPU routines call MKL one matrix at a time, which takes a generic path on AMD
+    processors. NumPy releases the GIL in its products and reductions, so the threads overlap;
+    SciPy's LAPACK wrappers hold it (measured: two threads of ``potrf`` gave 1.0x).
+    """
+    starts = list(range(0, n_items, chunk))
+    n_threads = max(1, min(torch.get_num_threads(), len(starts)))
+
+    def run(my_starts: list[int]) -> None:
+        for i0 in my_starts:
+            work(i0, min(i0 + chunk, n_items))
+
+    with threadpool_limits(1, user_api="blas"):
+        if n_threads == 1:
+            run(starts)
+        else:
+            with ThreadPoolExecutor(n_threads) as pool:
+                list(pool.map(run, [starts[i::n_threads] for i in range(n_threads)]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,32 +181,25 @@ def _scan_cpu(queries: Tensor, bank: Tensor, centre: Tensor, bank_aug_t: Tensor,
     against OpenBLAS on the same cores (measured: +30% on a 2-core machine).
     """
     n_q, dim, n_b = queries.shape[0], bank_aug_t.shape[0], bank_aug_t.shape[1]
-    n_threads = max(1, torch.get_num_threads())
-    tile_q, tile_b = _cpu_tile_sizes(n_q, n_b, dim, budget_mb / n_threads)
-    starts = list(range(0, n_q, tile_q))
-    n_threads = min(n_threads, len(starts))
+    tile_q, tile_b = _cpu_tile_sizes(n_q, n_b, dim, budget_mb / max(1, torch.get_num_threads()))
     aug_np, centre_np = bank_aug_t.numpy(), centre.numpy()
     queries_np, bank_np = queries.detach().numpy(), bank.detach().numpy()
     dist_dtype = np.float64 if queries.dtype == torch.float64 else np.float32
     best_idx = np.empty((n_q, k), dtype=np.int64)
     dist = np.empty((n_q, k), dtype=dist_dtype)
+    buffers = threading.local()       # one distance tile per thread, reused across its query tiles
 
-    def work(my_starts: list[int]) -> None:
-        buffer = np.empty(tile_q * tile_b, dtype=np.float32)
-        for q0 in my_starts:
-            q = queries_np[q0:q0 + tile_q]
-            idx = _scan_bank_numpy(_augmented_queries_numpy(q, centre_np), aug_np, k, tile_b, buffer)
-            # exact distances of the chosen neighbours, computed directly (no cancellation)
-            diff = bank_np[idx].astype(dist_dtype, copy=False) - q[:, None, :].astype(dist_dtype, copy=False)
-            dist[q0:q0 + len(q)] = np.sqrt(np.einsum("qkd,qkd->qk", diff, diff))
-            best_idx[q0:q0 + len(q)] = idx
+    def work(q0: int, q1: int) -> None:
+        if not hasattr(buffers, "tile"):
+            buffers.tile = np.empty(tile_q * tile_b, dtype=np.float32)
+        q = queries_np[q0:q1]
+        idx = _scan_bank_numpy(_augmented_queries_numpy(q, centre_np), aug_np, k, tile_b, buffers.tile)
+        # exact distances of the chosen neighbours, computed directly (no cancellation)
+        diff = bank_np[idx].astype(dist_dtype, copy=False) - q[:, None, :].astype(dist_dtype, copy=False)
+        dist[q0:q1] = np.sqrt(np.einsum("qkd,qkd->qk", diff, diff))
+        best_idx[q0:q1] = idx
 
-    with threadpool_limits(1, user_api="blas"):
-        if n_threads == 1:
-            work(starts)
-        else:
-            with ThreadPoolExecutor(n_threads) as pool:
-                list(pool.map(work, [starts[i::n_threads] for i in range(n_threads)]))
+    _in_threads(n_q, tile_q, work)
     return torch.from_numpy(dist), torch.from_numpy(best_idx)
 
 
@@ -395,29 +414,6 @@ def _greedy_coreset_reference(features: Tensor, size: int, proj_dim: int = 128, 
 # Per-position Gaussians and the Mahalanobis distance
 # ---------------------------------------------------------------------------------------------
 
-def _over_position_chunks(n_positions: int, chunk: int, work: Callable[[int, int], None]) -> None:
-    """CPU: ``work(p0, p1)`` for every chunk of positions, chunks dealt out to one thread per core,
-    each thread with a single-threaded BLAS (NumPy/SciPy release the GIL in BLAS and LAPACK).
-
-    Why threads over positions: the per-position matrices are small (C x C), so one multi-threaded
-    BLAS call per matrix spends its time synchronizing threads, and torch's batched CPU routines
-    call MKL one matrix at a time, which takes a generic path on AMD processors.
-    """
-    starts = list(range(0, n_positions, chunk))
-    n_threads = max(1, min(torch.get_num_threads(), len(starts)))
-
-    def run(my_starts: list[int]) -> None:
-        for p0 in my_starts:
-            work(p0, min(p0 + chunk, n_positions))
-
-    with threadpool_limits(1, user_api="blas"):
-        if n_threads == 1:
-            run(starts)
-        else:
-            with ThreadPoolExecutor(n_threads) as pool:
-                list(pool.map(run, [starts[i::n_threads] for i in range(n_threads)]))
-
-
 class GaussianAccumulator:
     """Streaming sums for a Gaussian per position, never holding all training features.
 
@@ -536,7 +532,7 @@ def _add_gram(outer: Tensor, x: Tensor, overwrite: bool = False) -> None:
         else:
             outer_np[p0:p1] += np.matmul(xs.transpose(0, 2, 1), xs)
     # 4 positions a chunk: the product's result is still in cache for the +=
-    _over_position_chunks(outer.shape[0], 4, work)
+    _in_threads(outer.shape[0], 4, work)
 
 
 def _covariance_cholesky_cpu(sums: np.ndarray, mean_shifted: np.ndarray, n: int, eps: float,
@@ -570,7 +566,7 @@ def _covariance_cholesky_cpu(sums: np.ndarray, mean_shifted: np.ndarray, n: int,
                 raise ValueError(f"covariance not positive definite at position {p0 + i} even with jitter "
                                  f"{jitter:g}; use a larger eps or more training images")
             cov[i] = upper.T
-    _over_position_chunks(sums.shape[0], 8, work)
+    _in_threads(sums.shape[0], 8, work)
 
 
 def _cholesky_in_place(cov: Tensor, eps: float, jitter_tries: int, chunk: int = 256) -> Tensor:
