@@ -16,6 +16,8 @@ is fast and ``python -m adlib.bench`` for the measurements against the field's i
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +26,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
-from scipy.linalg import lapack
+from scipy.linalg import cython_blas, cython_lapack
 from threadpoolctl import threadpool_limits
 from torch import Tensor
 
@@ -60,6 +62,100 @@ def _exact_fp32() -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32 = saved
 
 
+@functools.lru_cache(maxsize=None)
+def _nogil_routine(name: str) -> Callable[..., None]:
+    """A BLAS/LAPACK routine (``"spotrf"``, ``"dsyrk"``, ...) from SciPy's Cython tables, called
+    through ctypes with every argument a pointer (Fortran convention).
+
+    Why: ctypes releases the GIL during the call, so threads run their LAPACK calls at the same
+    time; SciPy's Python wrappers (``scipy.linalg.lapack``) hold it (measured: two threads of
+    ``potrf`` gave 1.0x through them, 1.9x through this).
+    """
+    n_args = {"potrf": 5, "syrk": 10, "trsm": 11, "lacpy": 7, "laset": 7}[name[1:]]
+    module = cython_blas if name[1:] in ("syrk", "trsm") else cython_lapack
+    capsule = module.__pyx_capi__[name]
+    get_name = ctypes.pythonapi.PyCapsule_GetName
+    get_name.restype, get_name.argtypes = ctypes.c_char_p, [ctypes.py_object]
+    get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+    get_pointer.restype, get_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+    return ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * n_args)(get_pointer(capsule, get_name(capsule)))
+
+
+class _LowerTriangles:
+    """BLAS/LAPACK on the lower triangles (C order) of C-contiguous ``(C, C)`` float32/float64
+    matrices, given by address (``array.ctypes.data``), each call without the GIL.
+
+    A C-order matrix is its own transpose read in Fortran order, so C order's lower triangle is
+    Fortran's upper one (``"U"``) and Fortran's upper Cholesky factor U (U^T U = A) is, read in
+    C order, the lower factor L (L L^T = A). The constant arguments are built once: with a few
+    thousand small matrices, building them per call costs as much as the arithmetic.
+    """
+
+    def __init__(self, channels: int, dtype: np.dtype):
+        kind = np.dtype(dtype)
+        if kind not in (np.float32, np.float64):
+            raise TypeError(f"float32 or float64 needed, got {kind}")
+        prefix = "s" if kind == np.float32 else "d"
+        self._real = ctypes.c_float if kind == np.float32 else ctypes.c_double
+        self._c = channels
+        self._n = self._int(channels)
+        self._upper, self._lower, self._no_transpose = (ctypes.c_char_p(flag) for flag in (b"U", b"L", b"N"))
+        self._syrk, self._potrf, self._trsm, self._lacpy, self._laset = (
+            _nogil_routine(prefix + name) for name in ("syrk", "potrf", "trsm", "lacpy", "laset"))
+        self._right, self._one = ctypes.c_char_p(b"R"), ctypes.byref(self._real(1.0))
+        self._one_less = self._int(max(channels - 1, 1))
+        self._zero = ctypes.byref(self._real(0.0))
+        self._next = kind.itemsize   # one element on: the strict upper triangle's first column
+
+    @staticmethod
+    def _int(value: int) -> ctypes._CArgObject:
+        return ctypes.byref(ctypes.c_int(value))
+
+    def gram(self, rows: int, row_stride: int, alpha: float, beta: float) -> Callable[[int, int], None]:
+        """``update(out, x)``: ``out = alpha x^T x + beta out`` for ``x (rows, C)`` with contiguous
+        rows ``row_stride`` elements apart (a symmetric rank-k update, syrk). With ``beta = 0``
+        ``out`` is not read (it may hold NaN)."""
+        if rows < 1:
+            raise ValueError("need at least one row")
+        # C order (rows, C) with row stride s is Fortran (C, rows) with leading dimension s
+        fixed = (self._upper, self._no_transpose, self._n, self._int(rows), ctypes.byref(self._real(alpha)))
+        middle = (self._int(row_stride if rows > 1 else self._c), ctypes.byref(self._real(beta)))
+
+        def update(out: int, x: int) -> None:
+            self._syrk(*fixed, x, *middle, out, self._n)
+        return update
+
+    def solve(self, columns: int) -> Callable[[int, int], None]:
+        """``solve(factor, rhs)``: ``rhs (C, columns)``, C-contiguous, becomes ``L^{-1} rhs`` for the
+        lower factor L (a triangular solve, trsm)."""
+        # Fortran sees rhs^T (columns, C) and L^T: solve X L^T = rhs^T from the right
+        columns_arg = self._int(columns)
+        fixed = (self._right, self._upper, self._no_transpose, self._no_transpose, columns_arg, self._n, self._one)
+
+        def solve(factor: int, rhs: int) -> None:
+            self._trsm(*fixed, factor, self._n, rhs, columns_arg)
+        return solve
+
+    def cholesky(self, matrix: int) -> int:
+        """Lower triangle -> Cholesky factor, in place; the strict upper triangle is not touched.
+        Returns LAPACK's info: 0, or the order of the first minor not positive definite."""
+        info = ctypes.c_int(0)
+        self._potrf(self._upper, self._n, matrix, self._n, ctypes.byref(info))
+        return info.value
+
+    def copy(self, dst: int, src: int) -> None:
+        """``dst``'s lower triangle, with the diagonal, = ``src``'s."""
+        self._lacpy(self._upper, self._n, self._n, src, self._n, dst, self._n)
+
+    def zero_strict_upper(self, matrix: int) -> None:
+        """Zeros above the diagonal, the diagonal kept."""
+        if self._c < 2:
+            return
+        # C order's strict upper triangle is Fortran's strict lower one: the lower triangle, with
+        # its diagonal, of the (C-1, C-1) block one element on
+        self._laset(self._lower, self._one_less, self._one_less, self._zero, self._zero, matrix + self._next, self._n)
+
+
 def _in_threads(n_items: int, chunk: int, work: Callable[[int, int], None]) -> None:
     """CPU: ``work(i0, i1)`` for every chunk of ``chunk`` items, the chunks dealt out round-robin to
     one thread per core, each thread with a single-threaded BLAS.
@@ -67,8 +163,8 @@ def _in_threads(n_items: int, chunk: int, work: Callable[[int, int], None]) -> N
     Why: the kernels' CPU work is many small BLAS calls (a query tile, a few positions' C x C
     matrices). One multi-threaded call for each spends its time synchronizing threads, and torch's
     batched CPU routines call MKL one matrix at a time, which takes a generic path on AMD
-    processors. NumPy releases the GIL in its products and reductions, so the threads overlap;
-    SciPy's LAPACK wrappers hold it (measured: two threads of ``potrf`` gave 1.0x).
+    processors. NumPy releases the GIL in its products and reductions, and so does ctypes in the
+    BLAS/LAPACK calls of :func:`_nogil_routine`, so the threads overlap.
     """
     starts = list(range(0, n_items, chunk))
     n_threads = max(1, min(torch.get_num_threads(), len(starts)))
@@ -531,41 +627,51 @@ def _add_gram(outer: Tensor, x: Tensor, overwrite: bool = False) -> None:
             np.matmul(xs.transpose(0, 2, 1), xs, out=outer_np[p0:p1])
         else:
             outer_np[p0:p1] += np.matmul(xs.transpose(0, 2, 1), xs)
-    # 4 positions a chunk: the product's result is still in cache for the +=
+    # 4 positions a chunk: the product's result is still in cache for the +=. A symmetric
+    # rank-k update (syrk, half the multiplications) was measured no faster than NumPy's gemm.
     _in_threads(outer.shape[0], 4, work)
 
 
 def _covariance_cholesky_cpu(sums: np.ndarray, mean_shifted: np.ndarray, n: int, eps: float,
                              jitter_tries: int) -> None:
     """In place, in threads over chunks of positions: ``sums (P, C, C)`` of shifted outer products
-    -> covariance ``+ eps I`` -> lower Cholesky factor (LAPACK potrf, one call per position),
-    with a tenfold jitter, up to ``jitter_tries`` times, where a matrix is not positive definite."""
-    potrf = lapack.get_lapack_funcs("potrf", (sums[:1],))
+    -> covariance ``+ eps I`` -> lower Cholesky factor with zeros above the diagonal (LAPACK potrf,
+    one call per position), with a tenfold jitter, up to ``jitter_tries`` times, where a matrix
+    is not positive definite. Each step reads and writes only the lower triangle of a matrix
+    while it is in cache: the covariance ``(S - n m m^T) / (n - 1)`` is one rank-1 update."""
     c = sums.shape[-1]
     diagonal = np.arange(c)
+    lapack = _LowerTriangles(c, sums.dtype)
+    centre = lapack.gram(1, c, alpha=-n / (n - 1), beta=1 / (n - 1))
+    local = threading.local()
 
     def work(p0: int, p1: int) -> None:
         cov = sums[p0:p1]
-        m = mean_shifted[p0:p1]
-        cov -= n * m[:, :, None] * m[:, None, :]
-        cov /= n - 1
-        if not np.isfinite(cov).all():
+        addresses = [sums[p].ctypes.data for p in range(p0, p1)]
+        for p, address in zip(range(p0, p1), addresses):
+            centre(address, mean_shifted[p].ctypes.data)
+        # the diagonal bounds the rest (|cov_ij| <= sqrt(cov_ii cov_jj)); above it is not updated
+        if not np.isfinite(cov[:, diagonal, diagonal]).all():
             raise ValueError("covariance holds NaN or infinity: the features were not finite")
         cov[:, diagonal, diagonal] += eps
-        for i in range(p1 - p0):
-            # a C-order symmetric matrix is its own Fortran-order transpose: LAPACK's upper factor
-            # U (U^T U = A) of cov[i].T is, read in C order, the lower factor L (L L^T = A)
-            upper, info = potrf(cov[i].T, lower=0, clean=1)
+        if getattr(local, "backup", None) is None:
+            local.backup = np.empty((c, c), dtype=sums.dtype)
+        backup = local.backup.ctypes.data
+        for i, address in enumerate(addresses):
+            lapack.copy(backup, address)       # potrf overwrites its input, even when it fails
+            info = lapack.cholesky(address)
             jitter = eps
             for _ in range(jitter_tries):
                 if info == 0:
                     break
                 jitter = max(jitter, 1e-6) * 10
-                upper, info = potrf((cov[i] + (jitter - eps) * np.eye(c, dtype=cov.dtype)).T, lower=0, clean=1)
+                lapack.copy(address, backup)
+                cov[i, diagonal, diagonal] += jitter - eps
+                info = lapack.cholesky(address)
             if info != 0:
                 raise ValueError(f"covariance not positive definite at position {p0 + i} even with jitter "
                                  f"{jitter:g}; use a larger eps or more training images")
-            cov[i] = upper.T
+            lapack.zero_strict_upper(address)
     _in_threads(sums.shape[0], 8, work)
 
 
@@ -620,10 +726,11 @@ class PositionGaussians:
 def mahalanobis(features: Tensor, mean: Tensor, chol: Tensor, budget_mb: float = DEFAULT_BUDGET_MB) -> Tensor:
     """Mahalanobis distance of every position's feature to its Gaussian: ``(B, P)``.
 
-    ``d_p(x) = |L_p^{-1} (x_p - mu_p)|`` with the Cholesky factor ``L_p`` (``L L^T = cov``), by a
-    batched triangular solve over positions, never an explicit inverse, chunked so that the
-    working set stays in budget. For a few test images the solve is bound by reading the factors
-    (``P C^2`` numbers); a LAPACK solve per position in threads was measured slower here.
+    ``d_p(x) = |L_p^{-1} (x_p - mu_p)|`` with the Cholesky factor ``L_p`` (``L L^T = cov``), by
+    triangular solves, never an explicit inverse. On the CPU with many channels: one LAPACK solve
+    per position, in threads; otherwise torch's batched solve, chunked over positions so that the
+    working set stays in budget. For a few test images either is bound by reading the factors
+    (``P C^2`` numbers).
     """
     x = _positions_last(features, "features")                 # (B, C, P)
     b, c, p = x.shape
@@ -632,12 +739,34 @@ def mahalanobis(features: Tensor, mean: Tensor, chol: Tensor, budget_mb: float =
                          f"{tuple(mean.shape)} / {tuple(chol.shape)}")
     x = x.to(chol.device, chol.dtype)
     out = torch.empty(b, p, dtype=chol.dtype, device=chol.device)
+    if chol.device.type == "cpu" and c >= _LAPACK_SOLVE_MIN_CHANNELS and chol.is_contiguous() and b > 0:
+        _mahalanobis_cpu(x.numpy(), mean.contiguous().numpy(), chol.numpy(), out.numpy())
+        return out
     step = max(1, int(budget_mb * 2**20 / (chol.element_size() * c * (c + 2 * b))))
     for p0 in range(0, p, step):
         diff = (x[:, :, p0:p0 + step] - mean[p0:p0 + step].t()[None]).permute(2, 1, 0)  # (p, C, B)
         z = torch.linalg.solve_triangular(chol[p0:p0 + step], diff, upper=False)
         out[:, p0:p0 + step] = z.pow_(2).sum(1).sqrt_().t()
     return out
+
+
+# measured on a 2-core AMD EPYC, 3136 positions, 8 images: below ~160 channels torch's batched
+# solve (1.8x faster at C = 100) beats a LAPACK call per position; at C = 550 the calls are 1.25x faster
+_LAPACK_SOLVE_MIN_CHANNELS = 160
+
+
+def _mahalanobis_cpu(x: np.ndarray, mean: np.ndarray, chol: np.ndarray, out: np.ndarray, chunk: int = 32) -> None:
+    """CPU: ``out (B, P)`` = distances of ``x (B, C, P)`` for ``mean (P, C)``, factors ``chol (P, C, C)``,
+    one LAPACK triangular solve per position, in threads over chunks of positions."""
+    b, c, _ = x.shape
+    solve = _LowerTriangles(c, chol.dtype).solve(b)
+
+    def work(p0: int, p1: int) -> None:
+        diff = np.ascontiguousarray((x[:, :, p0:p1] - mean[p0:p1].T[None]).transpose(2, 1, 0))  # (p, C, B)
+        for i, p in enumerate(range(p0, p1)):
+            solve(chol[p].ctypes.data, diff[i].ctypes.data)
+        np.sqrt(np.einsum("pcb,pcb->bp", diff, diff), out=out[:, p0:p1])
+    _in_threads(x.shape[2], chunk, work)
 
 
 # ---------------------------------------------------------------------------------------------

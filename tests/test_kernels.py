@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from adlib import bench
+from adlib import bench, kernels
 from adlib.kernels import (GaussianAccumulator, greedy_coreset, gmm_blobs, knn, mahalanobis,
                            _greedy_coreset_reference)
 
@@ -134,6 +134,28 @@ def test_streaming_gaussian_matches_float64(dtype, buffer_mb):
     np.testing.assert_allclose(gauss.mean.double().numpy(), train.flatten(2).double().mean(0).t().numpy(), rtol=1e-5)
     small_budget = mahalanobis(test, gauss.mean, gauss.chol, budget_mb=0.001)   # one position per chunk
     np.testing.assert_allclose(small_budget.double().numpy(), ref, rtol=1e-4)
+
+
+def test_many_channels_lapack_path_matches_float64(monkeypatch):
+    """C >= 160: the CPU distance is one LAPACK solve per position; the factor is exactly lower
+    triangular and reproduces the covariance; the torch path gives the same distances."""
+    g = torch.Generator().manual_seed(8)
+    channels = kernels._LAPACK_SOLVE_MIN_CHANNELS + 10
+    train = torch.randn(channels + 30, channels, 2, 3, generator=g) + 2
+    test = torch.randn(3, channels, 2, 3, generator=g) + 2
+    acc = GaussianAccumulator(dtype=torch.float32)
+    for chunk in train.split(64):
+        acc.update(chunk)
+    gauss = acc.finalize(eps=0.01)
+    assert torch.equal(gauss.chol, gauss.chol.tril())
+    x = train.flatten(2)[:, :, 4].double().numpy()
+    cov = np.cov(x, rowvar=False) + 0.01 * np.eye(channels)
+    l4 = gauss.chol[4].double().numpy()
+    np.testing.assert_allclose(l4 @ l4.T, cov, atol=1e-4 * np.abs(cov).max())
+    ref = _reference_mahalanobis(train.flatten(2).double().numpy(), test.flatten(2).double().numpy(), 0.01)
+    np.testing.assert_allclose(gauss.mahalanobis(test).double().numpy(), ref, rtol=1e-4)
+    monkeypatch.setattr(kernels, "_LAPACK_SOLVE_MIN_CHANNELS", 10**6)   # torch's batched solve
+    np.testing.assert_allclose(gauss.mahalanobis(test).double().numpy(), ref, rtol=1e-4)
 
 
 def test_singular_covariance_gets_jitter_not_nan():
