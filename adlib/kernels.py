@@ -74,10 +74,10 @@ def _nogil_routine(name: str) -> Callable[..., None]:
     n_args = {"potrf": 5, "syrk": 10, "trsm": 11, "lacpy": 7, "laset": 7}[name[1:]]
     module = cython_blas if name[1:] in ("syrk", "trsm") else cython_lapack
     capsule = module.__pyx_capi__[name]
-    get_name = ctypes.pythonapi.PyCapsule_GetName
-    get_name.restype, get_name.argtypes = ctypes.c_char_p, [ctypes.py_object]
-    get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
-    get_pointer.restype, get_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+    # own prototypes: setting argtypes on ctypes.pythonapi's functions would change them for everyone
+    get_name = ctypes.PYFUNCTYPE(ctypes.c_char_p, ctypes.py_object)(("PyCapsule_GetName", ctypes.pythonapi))
+    get_pointer = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(
+        ("PyCapsule_GetPointer", ctypes.pythonapi))
     return ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * n_args)(get_pointer(capsule, get_name(capsule)))
 
 
