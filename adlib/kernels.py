@@ -111,18 +111,14 @@ class _LowerTriangles:
     def _int(value: int) -> ctypes._CArgObject:
         return ctypes.byref(ctypes.c_int(value))
 
-    def gram(self, rows: int, row_stride: int, alpha: float, beta: float) -> Callable[[int, int], None]:
-        """``update(out, x)``: ``out = alpha x^T x + beta out`` for ``x (rows, C)`` with contiguous
-        rows ``row_stride`` elements apart (a symmetric rank-k update, syrk). With ``beta = 0``
-        ``out`` is not read (it may hold NaN)."""
-        if rows < 1:
-            raise ValueError("need at least one row")
-        # C order (rows, C) with row stride s is Fortran (C, rows) with leading dimension s
-        fixed = (self._upper, self._no_transpose, self._n, self._int(rows), ctypes.byref(self._real(alpha)))
-        middle = (self._int(row_stride if rows > 1 else self._c), ctypes.byref(self._real(beta)))
+    def rank_one(self, alpha: float, beta: float) -> Callable[[int, int], None]:
+        """``update(matrix, v)``: ``matrix = alpha v v^T + beta matrix`` for a vector ``v (C,)``
+        (a symmetric rank-1 update, syrk with one column)."""
+        fixed = (self._upper, self._no_transpose, self._n, self._int(1), ctypes.byref(self._real(alpha)))
+        middle = (self._n, ctypes.byref(self._real(beta)))
 
-        def update(out: int, x: int) -> None:
-            self._syrk(*fixed, x, *middle, out, self._n)
+        def update(matrix: int, v: int) -> None:
+            self._syrk(*fixed, v, *middle, matrix, self._n)
         return update
 
     def solve(self, columns: int) -> Callable[[int, int], None]:
@@ -639,10 +635,12 @@ def _covariance_cholesky_cpu(sums: np.ndarray, mean_shifted: np.ndarray, n: int,
     one call per position), with a tenfold jitter, up to ``jitter_tries`` times, where a matrix
     is not positive definite. Each step reads and writes only the lower triangle of a matrix
     while it is in cache: the covariance ``(S - n m m^T) / (n - 1)`` is one rank-1 update."""
+    if mean_shifted.dtype != sums.dtype or not (sums.flags.c_contiguous and mean_shifted.flags.c_contiguous):
+        raise TypeError("sums and means must be C-contiguous arrays of one dtype (LAPACK reads raw memory)")
     c = sums.shape[-1]
     diagonal = np.arange(c)
     lapack = _LowerTriangles(c, sums.dtype)
-    centre = lapack.gram(1, c, alpha=-n / (n - 1), beta=1 / (n - 1))
+    centre = lapack.rank_one(alpha=-n / (n - 1), beta=1 / (n - 1))
     local = threading.local()
 
     def work(p0: int, p1: int) -> None:
@@ -739,8 +737,10 @@ def mahalanobis(features: Tensor, mean: Tensor, chol: Tensor, budget_mb: float =
                          f"{tuple(mean.shape)} / {tuple(chol.shape)}")
     x = x.to(chol.device, chol.dtype)
     out = torch.empty(b, p, dtype=chol.dtype, device=chol.device)
-    if chol.device.type == "cpu" and c >= _LAPACK_SOLVE_MIN_CHANNELS and chol.is_contiguous() and b > 0:
-        _mahalanobis_cpu(x.numpy(), mean.contiguous().numpy(), chol.numpy(), out.numpy())
+    if (chol.device.type == "cpu" and chol.dtype in (torch.float32, torch.float64) and chol.is_contiguous()
+            and c >= _LAPACK_SOLVE_MIN_CHANNELS and b > 0):
+        _mahalanobis_cpu(x.detach().numpy(), mean.detach().to(chol.dtype).contiguous().numpy(), chol.detach().numpy(),
+                         out.numpy())
         return out
     step = max(1, int(budget_mb * 2**20 / (chol.element_size() * c * (c + 2 * b))))
     for p0 in range(0, p, step):
@@ -759,6 +759,9 @@ def _mahalanobis_cpu(x: np.ndarray, mean: np.ndarray, chol: np.ndarray, out: np.
     """CPU: ``out (B, P)`` = distances of ``x (B, C, P)`` for ``mean (P, C)``, factors ``chol (P, C, C)``,
     one LAPACK triangular solve per position, in threads over chunks of positions."""
     b, c, _ = x.shape
+    if not (x.dtype == mean.dtype == chol.dtype == out.dtype) or not chol.flags.c_contiguous:
+        raise TypeError("features, means, factors and output must share one dtype, factors C-contiguous "
+                        "(LAPACK reads raw memory)")
     solve = _LowerTriangles(c, chol.dtype).solve(b)
 
     def work(p0: int, p1: int) -> None:

@@ -154,6 +154,8 @@ def test_many_channels_lapack_path_matches_float64(monkeypatch):
     np.testing.assert_allclose(l4 @ l4.T, cov, atol=1e-4 * np.abs(cov).max())
     ref = _reference_mahalanobis(train.flatten(2).double().numpy(), test.flatten(2).double().numpy(), 0.01)
     np.testing.assert_allclose(gauss.mahalanobis(test).double().numpy(), ref, rtol=1e-4)
+    mixed = mahalanobis(test.double(), gauss.mean.double(), gauss.chol)   # float64 inputs, float32 factors
+    np.testing.assert_allclose(mixed.double().numpy(), ref, rtol=1e-4)
     monkeypatch.setattr(kernels, "_LAPACK_SOLVE_MIN_CHANNELS", 10**6)   # torch's batched solve
     np.testing.assert_allclose(gauss.mahalanobis(test).double().numpy(), ref, rtol=1e-4)
 
