@@ -565,14 +565,19 @@ class GaussianAccumulator:
         self._filled = 0
         first = self.shift is None
         if first:
-            self.shift = x.mean(1)
+            self.shift = torch.empty(x.shape[0], x.shape[2], dtype=self.dtype, device=x.device)
             self.sum = torch.zeros_like(self.shift)
             # empty, not zeros: the first products write it (in threads, which also shares out
             # the page faults of touching gigabytes of fresh memory)
             self.outer = torch.empty(x.shape[0], x.shape[2], x.shape[2], dtype=self.dtype, device=x.device)
-        x -= self.shift[:, None, :]
-        self.sum += x.sum(1)
-        _add_gram(self.outer, x, overwrite=first)
+        if x.device.type == "cpu":
+            _accumulate_cpu(self.outer.numpy(), self.sum.numpy(), self.shift.numpy(), x.numpy(), first)
+        else:
+            if first:
+                self.shift.copy_(x.mean(1))
+            x -= self.shift[:, None, :]
+            self.sum += x.sum(1)
+            self.outer.baddbmm_(x.transpose(1, 2), x, beta=0.0 if first else 1.0)
         self.count += x.shape[1]
 
     def finalize(self, eps: float = 0.01, jitter_tries: int = 3) -> "PositionGaussians":
@@ -610,22 +615,24 @@ def _transpose_into(dst: Tensor, src: Tensor) -> None:
         dst[:, j].copy_(src[j].t())
 
 
-def _add_gram(outer: Tensor, x: Tensor, overwrite: bool = False) -> None:
-    """``outer[p] += x[p]^T x[p]`` (``=`` when ``overwrite``) for ``outer (P, C, C)``, ``x (P, B, C)``."""
-    if outer.device.type != "cpu":
-        outer.baddbmm_(x.transpose(1, 2), x, beta=0.0 if overwrite else 1.0)
-        return
-    outer_np, x_np = outer.numpy(), x.numpy()
+def _accumulate_cpu(outer: np.ndarray, total: np.ndarray, shift: np.ndarray, x: np.ndarray, first: bool) -> None:
+    """For ``x (P, b, C)``, in place, in threads over chunks of positions, each step while the
+    chunk is in cache: (``first``: ``shift = `` the mean over b), ``x -= shift``, ``total += x``
+    summed over b, ``outer[p] += x[p]^T x[p]`` (``=`` when ``first``) for ``outer (P, C, C)``."""
 
     def work(p0: int, p1: int) -> None:
-        xs = x_np[p0:p1]
-        if overwrite:
-            np.matmul(xs.transpose(0, 2, 1), xs, out=outer_np[p0:p1])
+        xs = x[p0:p1]
+        if first:
+            np.mean(xs, axis=1, out=shift[p0:p1])
+        xs -= shift[p0:p1, None, :]
+        total[p0:p1] += xs.sum(1)
+        if first:
+            np.matmul(xs.transpose(0, 2, 1), xs, out=outer[p0:p1])
         else:
-            outer_np[p0:p1] += np.matmul(xs.transpose(0, 2, 1), xs)
+            outer[p0:p1] += np.matmul(xs.transpose(0, 2, 1), xs)
     # 4 positions a chunk: the product's result is still in cache for the +=. A symmetric
     # rank-k update (syrk, half the multiplications) was measured no faster than NumPy's gemm.
-    _in_threads(outer.shape[0], 4, work)
+    _in_threads(x.shape[0], 4, work)
 
 
 def _covariance_cholesky_cpu(sums: np.ndarray, mean_shifted: np.ndarray, n: int, eps: float,
