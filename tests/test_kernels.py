@@ -212,6 +212,26 @@ def test_blobs_match_a_per_image_loop():
     torch.testing.assert_close(score, (p.amplitude.abs() * area * p.active).sum(1), rtol=1e-5, atol=1e-7)
 
 
+def test_blobs_in_chunks_match_the_loop_and_the_ellipses(monkeypatch):
+    from adlib import kernels
+    monkeypatch.setattr(kernels, "_BLOB_CHUNK_ELEMENTS", 2 * 4 * 24 * 28)   # 2 images a chunk: 5 chunks
+    images = torch.rand(9, 3, 24, 28, dtype=torch.float64)
+    out, masks, p, _ = gmm_blobs(images, generator=torch.Generator().manual_seed(2))
+    assert len(p.active.sum(1).unique()) > 1                                  # several component-count groups
+    torch.testing.assert_close(out, bench._blobs_loop(images, p), rtol=1e-5, atol=1e-5)
+    # masks: inside some active component's 2-sigma ellipse, from the rotated coordinates in float64
+    ys = ((torch.arange(24, dtype=torch.float64) + 0.5) / 24)[:, None]
+    xs = (torch.arange(28, dtype=torch.float64) + 0.5) / 28
+    cy, cx = (p.centre[..., i].double()[..., None, None] for i in (0, 1))
+    sy, sx = (p.sigma[..., i].double()[..., None, None] for i in (0, 1))
+    cos, sin = (f(p.angle.double())[..., None, None] for f in (torch.cos, torch.sin))
+    u = ((xs - cx) * cos + (ys - cy) * sin) / sx
+    v = (-(xs - cx) * sin + (ys - cy) * cos) / sy
+    q = (u * u + v * v).masked_fill(~p.active[..., None, None], float("inf")).amin(1)   # (B, H, W)
+    clear = (q - 4).abs() > 1e-3                                              # not on an ellipse's rim
+    assert torch.equal(masks[:, 0][clear] == 1, (q <= 4)[clear])
+
+
 def test_blobs_bad_input():
     with pytest.raises(ValueError, match="n_components"):
         gmm_blobs(torch.zeros(1, 3, 8, 8), n_components=(0, 2))
