@@ -10,7 +10,7 @@ import torch
 from adlib import bench, kernels
 
 
-def test_bench_writes_the_documented_csv(tmp_path):
+def test_bench_writes_the_documented_csv(tmp_path, capsys):
     assert bench.main(["--quick", "--only", "blobs", "--out", str(tmp_path), "--device", "cpu"]) == 0
     with open(tmp_path / "bench.csv") as f:
         reader = csv.DictReader(f)
@@ -21,6 +21,16 @@ def test_bench_writes_the_documented_csv(tmp_path):
     assert float(row["speedup"]) == pytest.approx(float(row["peer_s"]) / float(row["adlib_s"]), rel=1e-9)
     assert float(row["max_rel_err"]) < 1e-4                      # the loop makes the same blobs
     assert "device: cpu" in (tmp_path / "bench.md").read_text()
+    assert "million a minute" in capsys.readouterr().out        # the streaming rate (the GPU bar's unit)
+
+
+def test_blob_stream_rate_counts_whole_batches(monkeypatch):
+    calls = []
+    real = kernels.gmm_blobs
+    monkeypatch.setattr(kernels, "gmm_blobs", lambda images, **kw: calls.append(len(images)) or real(images, **kw))
+    rate = bench.blob_stream_rate(3, 16, torch.device("cpu"), seconds=0.0)
+    assert calls == [3, 3, 3]                                    # warm-up + at least two streamed batches
+    assert rate > 0
 
 
 def test_naive_gaussian_peer_agrees_with_adlib():
