@@ -64,18 +64,20 @@ def _return_free_memory() -> None:
         pass
 
 
+def _sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so that wall times include it (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def measure(fn: Callable[[], Any], device: torch.device, repeat: int = 3) -> Timing:
     """Median wall time of ``repeat`` runs after one warm-up (none when ``repeat == 1``), and the
     extra peak memory of one run over what was in use before it; free memory is given back to
     the system first (:func:`_return_free_memory`)."""
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     result = None
     if repeat > 1:
         result = fn()
-        sync()
+        _sync(device)
     _return_free_memory()
     with PeakMemory(device) as peak:
         base = peak.peak_mb
@@ -83,7 +85,7 @@ def measure(fn: Callable[[], Any], device: torch.device, repeat: int = 3) -> Tim
         for _ in range(repeat):
             start = time.perf_counter()
             result = fn()
-            sync()
+            _sync(device)
             times.append(time.perf_counter() - start)
     extra = peak.peak_mb - (base if device.type == "cpu" else 0.0)
     return Timing(statistics.median(times), max(extra, 0.0), result)
@@ -362,14 +364,12 @@ def blob_stream_rate(batch: int, side: int, device: torch.device, seconds: float
     images = normal.expand(batch, -1, -1, -1)
     generator = torch.Generator(device=device).manual_seed(0)
     kernels.gmm_blobs(images, generator=generator)                       # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    _sync(device)
     made, start = 0, time.perf_counter()
     while made < 2 * batch or time.perf_counter() - start < seconds:
         kernels.gmm_blobs(images, generator=generator)
         made += batch
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        _sync(device)
     rate = made / (time.perf_counter() - start) * 60
     print(f"  blobs streamed: {made:,} images of 3x{side}x{side} in batches of {batch}: "
           f"{rate / 1e6:.3f} million a minute")

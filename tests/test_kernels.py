@@ -213,7 +213,6 @@ def test_blobs_match_a_per_image_loop():
 
 
 def test_blobs_in_chunks_match_the_loop_and_the_ellipses(monkeypatch):
-    from adlib import kernels
     monkeypatch.setattr(kernels, "_BLOB_CHUNK_ELEMENTS", 2 * 4 * 24 * 28)   # 2 images a chunk: 5 chunks
     images = torch.rand(9, 3, 24, 28, dtype=torch.float64)
     out, masks, p, _ = gmm_blobs(images, generator=torch.Generator().manual_seed(2))
