@@ -5,12 +5,12 @@ method is a :class:`~adlib.detectors.Detector` with ``fit(train) -> self`` and
 ``predict(images) -> (scores, maps)``; :func:`evaluate` measures any of them the same way.
 """
 
-from . import data, metrics, settings
+from . import backbones, data, metrics, pretrain, settings, train
 from .data import MVTecDataset, find_data_root, load_split, make_synthetic, train_batches
 from .detectors import DETECTORS, Detector, get_detector, load_detector
 from .evaluate import Evaluation, evaluate, format_table
 
 __version__ = "0.1.0"
-__all__ = ["data", "metrics", "settings", "MVTecDataset", "find_data_root", "load_split", "make_synthetic",
+__all__ = ["backbones", "data", "metrics", "pretrain", "settings", "train", "MVTecDataset", "find_data_root", "load_split", "make_synthetic",
            "train_batches", "DETECTORS", "Detector", "get_detector", "load_detector", "Evaluation", "evaluate",
            "format_table"]

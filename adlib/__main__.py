@@ -1,7 +1,12 @@
-"""Command line: ``python -m adlib evaluate --method NAME --data ROOT --category CAT ...``.
+"""Command line: ``python -m adlib evaluate|pretrain ...``.
 
-Fits on ``train/good``, evaluates on ``test/``, prints the metrics table and writes it as JSON.
-Works on any folder in the MVTec AD layout.
+- ``evaluate --method NAME --data ROOT --category CAT [--backbone NAME_OR_FILE]``: fits on
+  ``train/good``, evaluates on ``test/``, prints the metrics table and writes it as JSON.
+- ``pretrain centering --data ROOT --category CAT --out FILE``: fine-tunes a backbone on the
+  category's normal images and writes it as one backbone file that ``--backbone`` accepts; under
+  ``torchrun --nproc-per-node K`` it trains data-parallel.
+
+Works on any folder in the MVTec AD layout. Bad input ends with one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -13,9 +18,11 @@ import sys
 from pathlib import Path
 
 from . import settings
-from .data import MVTecDataset, find_data_root
+from .data import MVTecDataset, find_data_root, load_split
 from .detectors import DETECTORS, get_detector
 from .evaluate import evaluate, format_table
+from .pretrain import CenteringRecipe, pretrain_centering
+from .train import is_main_process
 
 
 def _parse_value(text: str):
@@ -32,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--method", required=True, choices=sorted(DETECTORS))
     ev.add_argument("--data", default=None, help="data root in the MVTec AD layout (default: ADLIB_DATA, ...)")
     ev.add_argument("--category", default="bottle")
-    ev.add_argument("--backbone", default=None, help="backbone name, for methods that use one")
+    ev.add_argument("--backbone", default=None, metavar="NAME_OR_FILE",
+                    help="backbone name or fine-tuned backbone file (.safetensors), for methods that use one")
     ev.add_argument("--device", default=None, help="cuda or cpu (default: ADLIB_DEVICE, else automatic)")
     ev.add_argument("--image-size", type=int, default=256)
     ev.add_argument("--crop-size", type=int, default=None)
@@ -42,7 +50,79 @@ def build_parser() -> argparse.ArgumentParser:
                     help="override a hyper-parameter, e.g. --set coreset_ratio=0.01 (repeatable)")
     ev.add_argument("--json", type=Path, default=None, help="write the metrics here as JSON")
     ev.add_argument("--save", type=Path, default=None, help="save the fitted detector (safetensors)")
+    _add_pretrain(sub)
     return parser
+
+
+def _add_pretrain(sub: argparse._SubParsersAction) -> None:
+    pre = sub.add_parser("pretrain", help="fine-tune a backbone for anomaly detection, write a backbone file")
+    recipes = pre.add_subparsers(dest="recipe", required=True)
+    c = recipes.add_parser("centering", help="L_class + lambda * L_center on the category's normal images")
+    c.add_argument("--data", default=None, help="data root in the MVTec AD layout (default: ADLIB_DATA, ...)")
+    c.add_argument("--category", default="bottle")
+    c.add_argument("--out", type=Path, required=True, help="the backbone file to write (.safetensors)")
+    defaults = CenteringRecipe()
+    c.add_argument("--backbone", default=defaults.backbone, help="architecture to start from (ImageNet weights)")
+    c.add_argument("--epochs", type=int, default=defaults.epochs)
+    c.add_argument("--lambda-center", type=float, default=defaults.lambda_center)
+    c.add_argument("--form", choices=["per_position", "pooled"], default=defaults.form,
+                   help="L_center on PaDiM's per-position patches or on the pooled vector")
+    c.add_argument("--batch-size", type=int, default=defaults.batch_size, help="per process")
+    c.add_argument("--lr", type=float, default=defaults.lr)
+    c.add_argument("--seed", type=int, default=defaults.seed)
+    c.add_argument("--labelled", default=None, metavar="FOLDER",
+                   help="ImageFolder of ImageNet classes for L_class (default: distillation from the original)")
+    c.add_argument("--image-size", type=int, default=256)
+    c.add_argument("--limit", type=int, default=None, help="use only the first N training images")
+    c.add_argument("--device", default=None, help="cuda or cpu (default: ADLIB_DEVICE, else automatic)")
+    c.add_argument("--checkpoint-dir", type=Path, default=None, help="default: OUT with the suffix .ckpt")
+    c.add_argument("--checkpoint-every", type=int, default=20, help="steps between checkpoints")
+    c.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+
+
+def run_pretrain(args: argparse.Namespace) -> dict:
+    """``pretrain centering``: train, then (rank 0) write the backbone file; returns a summary."""
+    recipe = CenteringRecipe(backbone=args.backbone, lambda_center=args.lambda_center, form=args.form,
+                             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                             labelled=args.labelled)
+    if args.epochs < 1:
+        raise ValueError(f"--epochs must be at least 1, got {args.epochs}")
+    if args.out.suffix != ".safetensors":
+        raise ValueError(f"--out must end in .safetensors, got {args.out}")
+    folder = args.checkpoint_dir or args.out.with_suffix(".ckpt")
+    _check_resume(folder, recipe, args)
+    root = find_data_root(args.data)
+    train = MVTecDataset(root, args.category, "train", image_size=args.image_size, limit=args.limit)
+    images = load_split(train)[0]
+    run = pretrain_centering(images, recipe, device=args.device, checkpoint_dir=folder,
+                             checkpoint_every=args.checkpoint_every, resume=args.resume)
+    summary = {"recipe": "centering", "category": args.category, "train_images": len(images),
+               "steps": run.history.steps, "seconds": round(run.seconds, 1),
+               **{k: round(v[-1], 5) for k, v in run.history.epoch.items()}}
+    if is_main_process():
+        summary["sha256"] = run.save(args.out, category=args.category, image_size=args.image_size)
+        summary["out"] = str(args.out)
+        print(json.dumps(summary, indent=2))
+    return summary
+
+
+def _check_resume(folder: Path, recipe: CenteringRecipe, args: argparse.Namespace) -> None:
+    """A resumed run must use the recipe its checkpoint was written with; a fresh one starts clean."""
+    saved = folder / "recipe.json"
+    current = {**dataclasses.asdict(recipe), "category": args.category, "image_size": args.image_size,
+               "limit": args.limit}
+    current = json.loads(json.dumps(current))   # tuples -> lists, as they come back from the file
+    if args.resume:
+        if not saved.is_file():
+            raise ValueError(f"--resume: no checkpoint in {folder} to resume from")
+        before = json.loads(saved.read_text())
+        changed = sorted(k for k in set(before) | set(current) if before.get(k) != current.get(k))
+        if changed:
+            raise ValueError(f"--resume: the checkpoint in {folder} was made with other options ({', '.join(changed)}); "
+                             f"use the same ones, or drop --resume to start over")
+    elif is_main_process():
+        folder.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps(current, indent=2) + "\n")
 
 
 def run_evaluate(args: argparse.Namespace) -> dict:
@@ -81,8 +161,14 @@ def run_evaluate(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "evaluate":
-        run_evaluate(args)
+    try:
+        if args.command == "evaluate":
+            run_evaluate(args)
+        elif args.command == "pretrain":
+            run_pretrain(args)
+    except (ValueError, OSError, ImportError) as err:   # bad input: one line, not a traceback
+        print(f"adlib {args.command}: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

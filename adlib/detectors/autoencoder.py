@@ -15,10 +15,10 @@ from typing import Iterable
 
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from ..data import denormalize
 from ..settings import default_device
+from ..train import History, TrainConfig, train as train_loop
 from .base import Detector, check_images, register
 
 
@@ -64,6 +64,11 @@ def reconstruction_error(pixels: Tensor, reconstruction: Tensor) -> Tensor:
     return (pixels - reconstruction).pow(2).mean(1)
 
 
+def _mse_loss(net: nn.Module, pixels: Tensor) -> dict[str, Tensor]:
+    """The training loss: mean squared error of the reconstruction of ``(B, 3, S, S)`` pixels."""
+    return {"loss": reconstruction_error(pixels, net(pixels)).mean()}
+
+
 @register("autoencoder")
 @dataclass(eq=False)
 class Autoencoder(Detector):
@@ -81,7 +86,8 @@ class Autoencoder(Detector):
     net: ConvAutoencoder | None = field(default=None, init=False, repr=False)
     threshold: float | None = field(default=None, init=False)            # mu + 3 sigma of held-out scores
     holdout_scores: Tensor | None = field(default=None, init=False, repr=False)  # (n_holdout,)
-    history: dict[str, list[float]] = field(default_factory=dict, init=False, repr=False)
+    history: dict[str, list[float]] = field(default_factory=dict, init=False, repr=False)  # per epoch
+    train_history: History | None = field(default=None, init=False, repr=False)         # per step too
 
     def __post_init__(self) -> None:
         self.widths = tuple(self.widths)
@@ -120,31 +126,21 @@ class Autoencoder(Detector):
         generator = torch.Generator().manual_seed(self.seed)
         train_idx, holdout_idx = self._split(len(pixels), generator)
         self._build(pixels.shape[-1])
-        optimizer = torch.optim.Adam(self.net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        # cosine decay: the last epochs take small steps, so the final weights are not a noisy snapshot
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, self.epochs))
-        self.history = {"train_loss": [], "holdout_loss": []}
-        bar = tqdm(range(self.epochs), desc="autoencoder fit", leave=False)
-        for _ in bar:
-            self.net.train()
-            total = 0.0
-            for idx in train_idx[torch.randperm(len(train_idx), generator=generator)].split(self.batch_size):
-                if len(idx) < 2 and len(train_idx) >= 2:
-                    continue  # batch norm needs 2 samples; the skipped image comes back next epoch
-                x = pixels[idx].to(self._device)
-                loss = reconstruction_error(x, self.net(x)).mean()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total += loss.item() * len(idx)
-            schedule.step()
-            self.history["train_loss"].append(total / len(train_idx))
-            if len(holdout_idx):
-                self.history["holdout_loss"].append(float(self._scores(pixels[holdout_idx]).mean()))
-            bar.set_postfix(loss=f"{self.history['train_loss'][-1]:.5f}")
-        self.net.eval()
-        if len(holdout_idx):
-            self.holdout_scores = self._scores(pixels[holdout_idx])
+        held = pixels[holdout_idx]
+
+        def holdout_loss(epoch: int) -> dict[str, float]:
+            return {"holdout_loss": float(self._scores(held).mean())} if len(held) else {}
+
+        # cosine decay: the last steps are small, so the final weights are not a noisy snapshot
+        config = TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
+                             weight_decay=self.weight_decay, schedule="cosine", seed=self.seed,
+                             device=self._device, min_batch=2 if len(train_idx) >= 2 else 1,  # batch norm
+                             desc="autoencoder fit")
+        self.train_history = train_loop(self.net, _mse_loss, pixels[train_idx], config, on_epoch_end=holdout_loss)
+        self.history = {"train_loss": self.train_history.epoch.get("loss", []),
+                        "holdout_loss": self.train_history.epoch.get("holdout_loss", [])}
+        if len(held):
+            self.holdout_scores = self._scores(held)
             self.threshold = float(self.holdout_scores.mean() + 3 * self.holdout_scores.std())
         return self
 

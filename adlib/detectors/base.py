@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..backbones import FeatureExtractor
+from ..backbones import BackboneFileError, FeatureExtractor, file_sha256, is_backbone_file
 from ..settings import default_device
 
 __all__ = ["Detector", "FeatureDetector", "register", "get_detector", "load_detector", "DETECTORS", "upsample_and_smooth",
@@ -100,7 +100,12 @@ class Detector:
         state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
         if not state:
             raise RuntimeError(f"{self.name} has no fitted state to save: call fit() first")
-        save_file(state, str(path), metadata={"method": self.name, "hyper": json.dumps(self.hyper)})
+        save_file(state, str(path), metadata={"method": self.name, "hyper": json.dumps(self.hyper),
+                                              **self.file_metadata()})
+
+    def file_metadata(self) -> dict[str, str]:
+        """Extra string metadata :meth:`save` writes (e.g. the identity of a backbone file)."""
+        return {}
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device | None = None) -> "Detector":
@@ -114,15 +119,38 @@ class FeatureDetector(Detector):
 
     def __post_init__(self) -> None:
         self.strides = tuple(self.strides)
+        self.backbone = os.fspath(self.backbone)
         self._device = default_device(self.device)
         self._extractor: FeatureExtractor | None = None
+        self._expected_backbone_sha256: str | None = None   # set when loaded from a detector file
 
     @property
     def extractor(self) -> FeatureExtractor:
         """The backbone's :class:`~adlib.backbones.FeatureExtractor` for ``strides``, on the device."""
         if self._extractor is None:
-            self._extractor = FeatureExtractor(self.backbone, self.strides, self._device)
+            extractor = FeatureExtractor(self.backbone, self.strides, self._device)
+            _check_backbone_hash(self.backbone, extractor.sha256, self._expected_backbone_sha256)
+            self._extractor = extractor
         return self._extractor
+
+    def file_metadata(self) -> dict[str, str]:
+        """A fine-tuned backbone file is recorded by its SHA-256, so a load can refuse another file."""
+        if is_backbone_file(self.backbone):
+            return {"backbone_sha256": self.extractor.sha256 or ""}
+        return {}
+
+
+def _check_backbone_hash(path: str, actual: str | None, expected: str | None) -> None:
+    """Refuse a backbone file whose hash is not the one the detector was fitted with."""
+    if expected is None:
+        return
+    if actual is None:
+        raise BackboneFileError(f"the detector was fitted with the backbone file {path!r} (SHA-256 "
+                                f"{expected[:12]}...), which is not found")
+    if actual != expected:
+        raise BackboneFileError(f"the backbone file {path!r} has SHA-256 {actual[:12]}..., but the detector was "
+                                f"fitted with one of SHA-256 {expected[:12]}...: a different file; point at the "
+                                f"file it was fitted with, or refit")
 
 
 def load_detector(path: str | os.PathLike, device: str | torch.device | None = None) -> Detector:
@@ -138,6 +166,11 @@ def load_detector(path: str | os.PathLike, device: str | torch.device | None = N
     if device is not None and "device" in hyper:
         hyper["device"] = str(device)
     detector = get_detector(meta["method"], **hyper)
+    if "backbone_sha256" in meta:
+        backbone = hyper["backbone"]
+        actual = file_sha256(backbone) if os.path.isfile(backbone) else None
+        _check_backbone_hash(backbone, actual, meta["backbone_sha256"])
+        detector._expected_backbone_sha256 = meta["backbone_sha256"]
     detector.load_state_dict(load_file(str(path)))
     return detector
 

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from ..backbones import DEFAULT_BACKBONE
+from ..train import History, TrainConfig, train as train_loop
 from .base import FeatureDetector, check_images, register, upsample_and_smooth
 
 
@@ -76,9 +77,17 @@ class FeatureAutoencoder(nn.Module):
         return self.decoder(self.encoder(x))
 
     def forward(self, x: Tensor) -> Tensor:
+        """``(B, C, h, w)`` -> ``(B, C, h, w)``, or vectors ``(N, C)`` -> ``(N, C)``."""
+        if x.ndim == 2:
+            return self.forward_vectors(x)
         b, c, h, w = x.shape
         vectors = x.permute(0, 2, 3, 1).reshape(-1, c)
         return self.forward_vectors(vectors).view(b, h, w, c).permute(0, 3, 1, 2)
+
+
+def _vector_mse(net: nn.Module, vectors: Tensor) -> dict[str, Tensor]:
+    """The training loss: mean squared reconstruction error of feature vectors ``(N, C)``."""
+    return {"loss": F.mse_loss(net(vectors), vectors)}
 
 
 @register("dfr")
@@ -102,7 +111,8 @@ class DFR(FeatureDetector):
     feature_mean: Tensor | None = field(default=None, init=False, repr=False)  # (C,)
     feature_std: Tensor | None = field(default=None, init=False, repr=False)   # (C,)
     threshold: float | None = field(default=None, init=False)
-    history: list[float] = field(default_factory=list, init=False, repr=False)
+    history: list[float] = field(default_factory=list, init=False, repr=False)        # loss per epoch
+    train_history: History | None = field(default=None, init=False, repr=False)   # per step too
 
     def embed(self, images: Tensor) -> Tensor:
         """``(B, 3, H, W)`` -> standardized regional features ``(B, C, H / grid_stride, W / grid_stride)``."""
@@ -142,27 +152,11 @@ class DFR(FeatureDetector):
         return self
 
     def _train(self, vectors: Tensor) -> None:
-        """Minimize the MSE of ``(N, C)`` feature vectors, shuffled (seeded) each epoch."""
-        generator = torch.Generator().manual_seed(self.seed)
-        optimizer = torch.optim.Adam(self.net.parameters(), lr=self.lr)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, self.epochs))
-        self.history = []
-        self.net.train()
-        for _ in (bar := tqdm(range(self.epochs), desc="dfr fit", leave=False)):
-            total = 0.0
-            for idx in torch.randperm(len(vectors), generator=generator).split(self.batch_size):
-                if len(idx) < 2:
-                    continue  # batch norm needs 2 samples
-                x = vectors[idx]
-                loss = F.mse_loss(self.net.forward_vectors(x), x)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total += loss.item() * len(idx)
-            schedule.step()
-            self.history.append(total / len(vectors))
-            bar.set_postfix(loss=f"{self.history[-1]:.4f}")
-        self.net.eval()
+        """Minimize the MSE of ``(N, C)`` feature vectors on the shared loop (seeded shuffles)."""
+        config = TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, schedule="cosine",
+                             seed=self.seed, device=self._device, min_batch=2, desc="dfr fit")  # batch norm: 2
+        self.train_history = train_loop(self.net, _vector_mse, vectors, config)
+        self.history = self.train_history.epoch.get("loss", [])
 
     @torch.no_grad()
     def _score_maps(self, emb: Tensor) -> Tensor:

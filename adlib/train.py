@@ -1,0 +1,392 @@
+"""The one training loop of adlib: every trained method and backbone recipe runs on :func:`train`.
+
+It owns what each method would otherwise repeat, and get subtly different:
+
+- **device placement**, and mixed precision on CUDA (autocast in bfloat16 where the GPU supports
+  it, else float16 with a gradient scaler); plain float32 on the CPU;
+- **fixed seeds**: the weights' initialization is the caller's, the data order is drawn per epoch
+  from ``(seed, epoch)`` and the global RNG (dropout, random augmentations) is seeded once;
+- a **progress bar** with the running losses and a **record of every loss per step** (and per
+  epoch) that a notebook can plot;
+- **checkpoints** every ``checkpoint_every`` steps and at the end: the weights as safetensors, the
+  optimizer, schedule and RNG state as a file that loads with ``torch.load(weights_only=True)``;
+  ``resume=True`` continues bit-for-bit where the last checkpoint stopped;
+- **DistributedDataParallel** when launched by ``torchrun`` (gloo on the CPU, nccl on CUDA): each
+  process takes its shard of every epoch's permutation, PyTorch averages the gradients, and rank 0
+  alone writes files and draws the progress bar.
+
+A method supplies a model, its training data (a tensor, a tuple of tensors or a map-style
+dataset, first axis = samples) and a loss function ``loss_fn(model, batch) -> {"loss": scalar,
+...}``: the ``"loss"`` entry is minimized, every entry is recorded. ``model`` is the wrapped
+(DDP) module when distributed, so ``loss_fn`` must go through ``model(...)``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from .settings import default_device
+
+__all__ = ["TrainConfig", "History", "train", "distributed_context", "is_main_process", "LossFn",
+           "load_checkpoint_state"]
+
+Batch = Any
+LossFn = Callable[[nn.Module, Batch], dict[str, Tensor]]
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "trainer.pt"
+
+
+@dataclass
+class TrainConfig:
+    """How to train: the optimization recipe plus run settings (device, checkpoints, progress).
+
+    ``batch_size`` is per process (PyTorch's convention): with ``torchrun --nproc-per-node K`` an
+    optimizer step sees ``K * batch_size`` samples. ``stop_after_steps`` ends the run early after
+    that many optimizer steps in total, with a checkpoint (a budget, or an interruption in tests).
+    """
+
+    epochs: int = 10
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    optimizer: str = "adam"          # "adam" (L2 weight decay) or "adamw" (decoupled)
+    schedule: str = "cosine"         # "cosine" (per step, to 0) or "constant"
+    grad_clip: float | None = None   # max gradient norm, None = no clipping
+    min_batch: int = 1               # a trailing batch smaller than this is skipped (batch norm needs 2)
+    seed: int = 0
+    device: str | torch.device | None = None
+    amp: bool = True                 # mixed precision, on CUDA only
+    checkpoint_dir: str | os.PathLike | None = None
+    checkpoint_every: int = 0        # steps between checkpoints; 0 = only at the end
+    resume: bool = False             # continue from checkpoint_dir's last checkpoint if there is one
+    stop_after_steps: int | None = None
+    desc: str = "train"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0 or self.batch_size < 1 or self.min_batch < 1:
+            raise ValueError(f"need epochs >= 0, batch_size >= 1, min_batch >= 1; got {self.epochs}, "
+                             f"{self.batch_size}, {self.min_batch}")
+        if self.optimizer not in ("adam", "adamw"):
+            raise ValueError(f"optimizer must be 'adam' or 'adamw', got {self.optimizer!r}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        if self.resume and self.checkpoint_dir is None:
+            raise ValueError("resume=True needs a checkpoint_dir to resume from")
+
+
+@dataclass
+class History:
+    """Every loss the run recorded: ``step[name]`` one value per optimizer step (averaged over the
+    processes), ``epoch[name]`` the sample-weighted mean per epoch plus what ``on_epoch_end``
+    returned, ``lr`` the learning rate of each step."""
+
+    step: dict[str, list[float]] = field(default_factory=dict)
+    epoch: dict[str, list[float]] = field(default_factory=dict)
+    lr: list[float] = field(default_factory=list)
+
+    @property
+    def steps(self) -> int:
+        return len(self.lr)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "epoch": self.epoch, "lr": self.lr}
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed: PyTorch's own engine, set up from torchrun's environment
+# ---------------------------------------------------------------------------------------------
+
+def distributed_context(device: torch.device) -> tuple[int, int, torch.device, bool]:
+    """``(rank, world_size, device, created)``: joins the process group ``torchrun`` describes
+    (``WORLD_SIZE`` > 1) with gloo on the CPU or nccl on CUDA, one GPU per local rank. ``created``
+    says whether this call made the group (and so the caller should destroy it)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, device, False
+    created = False
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        created = True
+    return dist.get_rank(), dist.get_world_size(), device, created
+
+
+def is_main_process() -> bool:
+    """True on rank 0 of a ``torchrun`` launch, and in a plain single process: the one that writes files."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: a seeded permutation per epoch, sharded over processes, gathered in batches
+# ---------------------------------------------------------------------------------------------
+
+def _num_samples(data: Tensor | Sequence) -> int:
+    if isinstance(data, tuple):
+        sizes = {len(t) for t in data}
+        if len(sizes) != 1:
+            raise ValueError(f"the tensors of a data tuple must have the same first axis, got {sorted(sizes)}")
+        return sizes.pop()
+    return len(data)
+
+
+def _gather(data: Tensor | Sequence, idx: Tensor) -> Batch:
+    """Samples ``idx`` of the data: tensor rows, a tuple of tensors' rows, or a collated dataset batch."""
+    if isinstance(data, Tensor):
+        return data[idx]
+    if isinstance(data, tuple):
+        return tuple(t[idx] for t in data)
+    from torch.utils.data import default_collate
+
+    return default_collate([data[int(i)] for i in idx])
+
+
+def _to_device(batch: Batch, device: torch.device) -> Batch:
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def epoch_batches(n: int, epoch: int, config: TrainConfig, rank: int = 0, world: int = 1) -> list[Tensor]:
+    """Index batches of one epoch for one process: a permutation drawn from ``(seed, epoch)``, padded
+    by wrapping so every process gets as many samples (as ``DistributedSampler`` does), this rank's
+    every ``world``-th index, cut into ``batch_size`` pieces; a trailing piece below ``min_batch`` is dropped."""
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=generator)
+    per_rank = math.ceil(n / world)
+    if per_rank * world > n:
+        order = torch.cat([order, order[: per_rank * world - n]])
+    pieces = list(order[rank::world].split(config.batch_size))
+    if pieces and len(pieces[-1]) < config.min_batch:
+        pieces.pop()
+    return pieces
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(str(tmp))
+    os.replace(tmp, path)
+
+
+def _save_checkpoint(folder: Path, model: nn.Module, state: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    _atomic_write(folder / MODEL_FILE, lambda p: save_file(weights, p))
+    _atomic_write(folder / STATE_FILE, lambda p: torch.save(state, p))
+
+
+def load_checkpoint_state(folder: str | os.PathLike) -> dict[str, Any]:
+    """The trainer state of a checkpoint folder (optimizer, schedule, RNG, position, history), read
+    with ``torch.load(weights_only=True)``: plain tensors, numbers, strings, lists and dicts only."""
+    return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def _rng_state(device: torch.device) -> dict[str, Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+def _autocast(device: torch.device, enabled: bool) -> tuple[Any, torch.dtype | None]:
+    """The autocast context and its dtype: bf16 where the GPU has it, else fp16; none on the CPU."""
+    if not enabled or device.type != "cuda":
+        return nullcontext(), None
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype), dtype
+
+
+def _make_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    cls = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
+    return cls(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _make_schedule(optimizer: torch.optim.Optimizer, total_steps: int, config: TrainConfig):
+    if config.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps))
+    return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+
+
+def _reduce_losses(values: dict[str, float], world: int, device: torch.device) -> dict[str, float]:
+    """Each loss averaged over the processes (the record shows the whole step, not rank 0's shard)."""
+    if world == 1:
+        return values
+    names = sorted(values)
+    vec = torch.tensor([values[k] for k in names], dtype=torch.float64, device=device)
+    dist.all_reduce(vec)
+    return {k: float(v) / world for k, v in zip(names, vec.tolist())}
+
+
+def train(model: nn.Module, loss_fn: LossFn, data: Tensor | tuple[Tensor, ...] | Sequence,
+          config: TrainConfig, on_epoch_end: Callable[[int], dict[str, float]] | None = None) -> History:
+    """Minimize ``loss_fn(model, batch)["loss"]`` over ``config.epochs`` passes of ``data``.
+
+    Args:
+        model: its trainable parameters (``requires_grad``) are optimized; it is moved to the device.
+        loss_fn: ``(model, batch) -> {"loss": scalar, other: scalar, ...}``; batches arrive on the device.
+        data: a tensor or tuple of tensors ``(N, ...)`` (rows gathered by index), or a map-style dataset.
+        config: the recipe and run settings (:class:`TrainConfig`).
+        on_epoch_end: called with the epoch index after each epoch (model in eval mode); the floats
+            it returns are recorded in ``History.epoch``.
+
+    Returns:
+        The :class:`History`; with ``resume=True`` it includes the steps before the interruption.
+    """
+    device = default_device(config.device)
+    rank, world, device, created_group = distributed_context(device)
+    main = rank == 0
+    n = _num_samples(data)
+    if n == 0:
+        raise ValueError("no training samples")
+    steps_per_epoch = len(epoch_batches(n, 0, config, rank, world))
+    if steps_per_epoch == 0 and config.epochs > 0:
+        raise ValueError(f"{n} samples give no batch of at least min_batch={config.min_batch} per process")
+    total_steps = steps_per_epoch * config.epochs
+
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters (requires_grad=False everywhere)")
+    optimizer = _make_optimizer(params, config)
+    schedule = _make_schedule(optimizer, total_steps, config)
+    autocast, amp_dtype = _autocast(device, config.amp)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    torch.manual_seed(config.seed + rank)
+    history, start_step = History(), 0
+    running: dict[str, Any] = {"sums": {}, "seen": 0}     # this epoch's loss sums so far
+    folder = Path(config.checkpoint_dir) if config.checkpoint_dir is not None else None
+    if config.resume and folder is not None and (folder / STATE_FILE).is_file():
+        start_step, history, running = _restore(folder, model, optimizer, schedule, scaler, device, rank, world)
+
+    bar = tqdm(total=total_steps, initial=start_step, desc=config.desc, disable=not (main and config.progress),
+               leave=False, dynamic_ncols=True)
+
+    def checkpoint(step: int) -> None:
+        if folder is None:
+            return
+        state = {"step": step, "world": world, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                 "scaler": scaler.state_dict(), "rng": _rng_state(device), "history": history.as_dict(), "running": running}
+        if world > 1:   # every rank's RNG, so each continues its own stream
+            gathered = [None] * world
+            dist.all_gather_object(gathered, state["rng"])
+            state["rng_ranks"] = gathered
+        if main:
+            _save_checkpoint(folder, model, state)
+        if world > 1:
+            dist.barrier()
+
+    step, stopping = start_step, False
+    try:
+        for epoch in range(start_step // max(1, steps_per_epoch), config.epochs):
+            model.train()
+            pieces = epoch_batches(n, epoch, config, rank, world)
+            for idx in pieces[step - epoch * steps_per_epoch:]:
+                batch = _to_device(_gather(data, idx), device)
+                with autocast:
+                    losses = loss_fn(net, batch)
+                loss = losses["loss"]
+                if not torch.isfinite(loss.detach()):
+                    raise FloatingPointError(f"{config.desc}: loss became {loss.item()} at step {step}; "
+                                             f"lower the learning rate or check the data")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if config.grad_clip is not None:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(params, config.grad_clip)
+                history.lr.append(optimizer.param_groups[0]["lr"])
+                scaler.step(optimizer)
+                scaler.update()
+                schedule.step()
+                step += 1
+                values = _reduce_losses({k: float(v.detach()) for k, v in losses.items()}, world, device)
+                for k, v in values.items():
+                    history.step.setdefault(k, []).append(v)
+                    running["sums"][k] = running["sums"].get(k, 0.0) + v * len(idx)
+                running["seen"] += len(idx)
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, refresh=False)
+                if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total_steps:
+                    checkpoint(step)
+                if config.stop_after_steps is not None and step >= config.stop_after_steps:
+                    stopping = True
+                    if step < (epoch + 1) * steps_per_epoch:   # mid-epoch: the summary waits for the resume
+                        checkpoint(step)
+                        return history
+                    break
+            for k, v in running["sums"].items():
+                history.epoch.setdefault(k, []).append(v / max(1, running["seen"]))
+            running = {"sums": {}, "seen": 0}
+            if on_epoch_end is not None:
+                model.eval()
+                for k, v in on_epoch_end(epoch).items():
+                    history.epoch.setdefault(k, []).append(float(v))
+            if stopping:
+                break
+        checkpoint(step)
+    finally:
+        bar.close()
+        model.eval()
+        if created_group:
+            dist.barrier()
+            dist.destroy_process_group()
+    return history
+
+
+def _restore(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Any,
+             scaler: torch.amp.GradScaler, device: torch.device, rank: int,
+             world: int) -> tuple[int, History, dict[str, Any]]:
+    """Load a checkpoint written by :func:`train` into the live objects; returns (step, history,
+    the interrupted epoch's running loss sums)."""
+    from safetensors.torch import load_file
+
+    state = load_checkpoint_state(folder)
+    if state["world"] != world:
+        raise ValueError(f"{folder} was written by a run of {state['world']} processes; resume it with the same "
+                         f"number (this run has {world}), or the data order would differ")
+    model.load_state_dict(load_file(str(folder / MODEL_FILE), device=str(device)))
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    scaler.load_state_dict(state["scaler"])
+    _set_rng_state(state["rng_ranks"][rank] if world > 1 else state["rng"], device)
+    h = state["history"]
+    return int(state["step"]), History(step=h["step"], epoch=h["epoch"], lr=h["lr"]), state["running"]

@@ -1,0 +1,114 @@
+"""The shared training loop: bit-for-bit resume, seeded sharding, DDP on gloo, refusals."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from adlib.train import TrainConfig, epoch_batches, load_checkpoint_state, train
+
+
+def make_problem(seed: int = 0, dropout: float = 0.0):
+    """A small regression problem: ``(model, loss_fn, (inputs (64, 8), targets (64, 1)))``."""
+    g = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(64, 8, generator=g)
+    targets = inputs @ torch.randn(8, 1, generator=g) + 0.1 * torch.randn(64, 1, generator=g)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Dropout(dropout), nn.Linear(16, 1))
+
+    def loss_fn(net, batch):
+        x, y = batch
+        mse = (net(x) - y).pow(2).mean()
+        return {"loss": mse, "mae": (net(x) - y).abs().mean().detach()}
+
+    return model, loss_fn, (inputs, targets)
+
+
+def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("stop_at", [5, 8])   # mid-epoch and exactly at an epoch's end (8 steps per epoch)
+def test_resume_continues_bit_for_bit(tmp_path, stop_at):
+    config = dict(epochs=3, batch_size=8, lr=1e-2, device="cpu", progress=False)
+    model, loss_fn, data = make_problem(dropout=0.2)   # dropout: the RNG state must be restored too
+    full = train(model, loss_fn, data, TrainConfig(**config, checkpoint_dir=tmp_path / "a"))
+    reference = _weights(model)
+
+    model, loss_fn, data = make_problem(dropout=0.2)
+    cut = train(model, loss_fn, data, TrainConfig(**config, checkpoint_dir=tmp_path / "b", stop_after_steps=stop_at))
+    assert cut.steps == stop_at
+    model, loss_fn, data = make_problem(dropout=0.2)   # a new process would rebuild everything
+    resumed = train(model, loss_fn, data, TrainConfig(**config, checkpoint_dir=tmp_path / "b", resume=True))
+    for k, v in reference.items():
+        assert torch.equal(model.state_dict()[k], v), k
+    assert resumed.step == full.step and resumed.epoch == full.epoch and resumed.lr == full.lr
+    assert len(full.epoch["loss"]) == 3 and full.steps == 24
+
+
+def test_checkpoint_loads_with_weights_only_and_records_every_step(tmp_path):
+    model, loss_fn, data = make_problem()
+    history = train(model, loss_fn, data, TrainConfig(epochs=2, batch_size=16, device="cpu", progress=False,
+                                                      checkpoint_dir=tmp_path, checkpoint_every=3))
+    state = load_checkpoint_state(tmp_path)          # torch.load(weights_only=True) inside
+    assert state["step"] == history.steps == 8
+    assert set(history.step) == {"loss", "mae"} and len(history.step["loss"]) == 8
+    assert history.epoch["loss"][1] < history.epoch["loss"][0]
+    saved = load_file(str(tmp_path / "model.safetensors"))
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+    assert history.lr[0] == pytest.approx(1e-3) and history.lr[-1] < history.lr[0]   # cosine decay
+
+
+def test_epoch_batches_are_seeded_disjoint_shards():
+    config = TrainConfig(batch_size=4, seed=3)
+    one = torch.cat(epoch_batches(10, 0, config))
+    assert sorted(one.tolist()) == list(range(10))
+    assert torch.equal(one, torch.cat(epoch_batches(10, 0, config)))        # same seed, same order
+    assert not torch.equal(one, torch.cat(epoch_batches(10, 1, config)))    # a new order each epoch
+    shards = [torch.cat(epoch_batches(10, 0, config, rank=r, world=3)) for r in range(3)]
+    assert {len(s) for s in shards} == {4}                                   # padded to equal sizes
+    assert set(torch.cat(shards).tolist()) == set(range(10))
+    assert len(epoch_batches(9, 0, TrainConfig(batch_size=4, min_batch=2))) == 2   # trailing single dropped
+
+
+def test_refuses_bad_setups(tmp_path):
+    model, loss_fn, data = make_problem()
+    with pytest.raises(ValueError, match="resume=True needs a checkpoint_dir"):
+        TrainConfig(resume=True)
+    with pytest.raises(ValueError, match="optimizer"):
+        TrainConfig(optimizer="sgd")
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        train(model.requires_grad_(False), loss_fn, data, TrainConfig(epochs=1, progress=False, device="cpu"))
+    model, _, data = make_problem()
+    with pytest.raises(FloatingPointError, match="loss became nan"):
+        train(model, lambda net, b: {"loss": net(b[0]).sum() * float("nan")}, data,
+              TrainConfig(epochs=1, progress=False, device="cpu"))
+    with pytest.raises(ValueError, match="same first axis"):
+        train(model, loss_fn, (data[0], data[1][:10]), TrainConfig(epochs=1, progress=False, device="cpu"))
+
+
+def test_two_process_torchrun_gives_identical_weights_equal_to_one_process_with_twice_the_batch(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    worker = Path(__file__).with_name("ddp_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(worker), str(tmp_path)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2)]
+    for k in ranks[0]:
+        assert torch.equal(ranks[0][k], ranks[1][k]), k      # the gradients were all-reduced every step
+    assert (tmp_path / "ckpt" / "model.safetensors").is_file()     # rank 0 wrote the checkpoint
+
+    model, loss_fn, data = make_problem()     # one process, batch 8 = 2 ranks x 4, the same order
+    history = train(model, loss_fn, data, TrainConfig(epochs=3, batch_size=8, lr=1e-2, device="cpu", progress=False))
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(ranks[0][k], v, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ranks[0]["losses"], torch.tensor(history.step["loss"], dtype=torch.float64),
+                               rtol=1e-4, atol=1e-6)
