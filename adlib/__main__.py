@@ -22,7 +22,8 @@ from .data import MVTecDataset, find_data_root, load_split
 from .detectors import DETECTORS, get_detector
 from .evaluate import evaluate, format_table
 from .pretrain import CenteringRecipe, pretrain_centering
-from .train import is_main_process
+from .backbones import BACKBONES
+from .train import STATE_FILE, is_main_process
 
 
 def _parse_value(text: str):
@@ -80,49 +81,44 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
 
 
+def _device(name: str | None):
+    """The run's device, with a bad name or a missing GPU as a ValueError (one line on the CLI)."""
+    try:
+        return settings.default_device(name)
+    except RuntimeError as err:
+        raise ValueError(f"--device {name}: {err}") from err
+
+
 def run_pretrain(args: argparse.Namespace) -> dict:
     """``pretrain centering``: train, then (rank 0) write the backbone file; returns a summary."""
-    recipe = CenteringRecipe(backbone=args.backbone, lambda_center=args.lambda_center, form=args.form,
-                             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                             labelled=args.labelled)
     if args.epochs < 1:
         raise ValueError(f"--epochs must be at least 1, got {args.epochs}")
     if args.out.suffix != ".safetensors":
         raise ValueError(f"--out must end in .safetensors, got {args.out}")
+    if args.backbone not in BACKBONES:
+        raise ValueError(f"--backbone must be an architecture to start from, one of {list(BACKBONES)}; "
+                         f"got {args.backbone!r}")
+    device = _device(args.device)
+    recipe = CenteringRecipe(backbone=args.backbone, lambda_center=args.lambda_center, form=args.form,
+                             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                             labelled=args.labelled)
     folder = args.checkpoint_dir or args.out.with_suffix(".ckpt")
-    _check_resume(folder, recipe, args)
+    if args.resume and not (folder / STATE_FILE).is_file():
+        raise ValueError(f"--resume: no checkpoint in {folder} to resume from")
     root = find_data_root(args.data)
     train = MVTecDataset(root, args.category, "train", image_size=args.image_size, limit=args.limit)
     images = load_split(train)[0]
-    run = pretrain_centering(images, recipe, device=args.device, checkpoint_dir=folder,
-                             checkpoint_every=args.checkpoint_every, resume=args.resume)
+    run = pretrain_centering(images, recipe, device=device, checkpoint_dir=folder,
+                             checkpoint_every=args.checkpoint_every, resume=args.resume,
+                             data_name=f"{args.category} (limit {args.limit})")
     summary = {"recipe": "centering", "category": args.category, "train_images": len(images),
-               "steps": run.history.steps, "seconds": round(run.seconds, 1),
+               "steps": run.history.steps, "seconds": round(run.seconds, 1), "world_size": run.world_size,
                **{k: round(v[-1], 5) for k, v in run.history.epoch.items()}}
     if is_main_process():
         summary["sha256"] = run.save(args.out, category=args.category, image_size=args.image_size)
         summary["out"] = str(args.out)
         print(json.dumps(summary, indent=2))
     return summary
-
-
-def _check_resume(folder: Path, recipe: CenteringRecipe, args: argparse.Namespace) -> None:
-    """A resumed run must use the recipe its checkpoint was written with; a fresh one starts clean."""
-    saved = folder / "recipe.json"
-    current = {**dataclasses.asdict(recipe), "category": args.category, "image_size": args.image_size,
-               "limit": args.limit}
-    current = json.loads(json.dumps(current))   # tuples -> lists, as they come back from the file
-    if args.resume:
-        if not saved.is_file():
-            raise ValueError(f"--resume: no checkpoint in {folder} to resume from")
-        before = json.loads(saved.read_text())
-        changed = sorted(k for k in set(before) | set(current) if before.get(k) != current.get(k))
-        if changed:
-            raise ValueError(f"--resume: the checkpoint in {folder} was made with other options ({', '.join(changed)}); "
-                             f"use the same ones, or drop --resume to start over")
-    elif is_main_process():
-        folder.mkdir(parents=True, exist_ok=True)
-        saved.write_text(json.dumps(current, indent=2) + "\n")
 
 
 def run_evaluate(args: argparse.Namespace) -> dict:
@@ -138,9 +134,9 @@ def run_evaluate(args: argparse.Namespace) -> dict:
         if "backbone" not in fields:
             raise SystemExit(f"method {args.method} uses no backbone; drop --backbone")
         hyper["backbone"] = args.backbone
+    device = _device(args.device)
     if "device" in fields:
         hyper["device"] = args.device
-    device = settings.default_device(args.device)
     detector = get_detector(args.method, **hyper)
     root = find_data_root(args.data)
     kwargs = dict(root=root, category=args.category, image_size=args.image_size, crop_size=args.crop_size,

@@ -10,7 +10,9 @@ It owns what each method would otherwise repeat, and get subtly different:
   epoch) that a notebook can plot;
 - **checkpoints** every ``checkpoint_every`` steps and at the end: the weights as safetensors, the
   optimizer, schedule and RNG state as a file that loads with ``torch.load(weights_only=True)``;
-  ``resume=True`` continues bit-for-bit where the last checkpoint stopped;
+  ``resume=True`` continues where the last checkpoint stopped, bit-for-bit on the CPU (on CUDA as
+  far as its kernels are deterministic: ``torch.use_deterministic_algorithms``), and refuses a
+  checkpoint made with other settings;
 - **DistributedDataParallel** when launched by ``torchrun`` (gloo on the CPU, nccl on CUDA): each
   process takes its shard of every epoch's permutation, PyTorch averages the gradients, and rank 0
   alone writes files and draws the progress bar.
@@ -190,12 +192,14 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
     os.replace(tmp, path)
 
 
-def _save_checkpoint(folder: Path, model: nn.Module, state: dict[str, Any]) -> None:
+def _save_checkpoint(folder: Path, model: nn.Module, state: dict[str, Any], step: int) -> None:
+    """Each file is replaced atomically; the weights carry their step, so a kill between the two
+    replacements is detected on resume instead of pairing new weights with an old optimizer."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(folder / MODEL_FILE, lambda p: save_file(weights, p))
+    _atomic_write(folder / MODEL_FILE, lambda p: save_file(weights, p, metadata={"step": str(step)}))
     _atomic_write(folder / STATE_FILE, lambda p: torch.save(state, p))
 
 
@@ -241,6 +245,14 @@ def _make_schedule(optimizer: torch.optim.Optimizer, total_steps: int, config: T
     return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
 
 
+def _all_finite(loss: Tensor, world: int) -> bool:
+    """Whether the loss is finite on every process (one all-reduce when distributed)."""
+    flag = torch.isfinite(loss).all().to(torch.float32).reshape(1)
+    if world > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def _reduce_losses(values: dict[str, float], world: int, device: torch.device) -> dict[str, float]:
     """Each loss averaged over the processes (the record shows the whole step, not rank 0's shard)."""
     if world == 1:
@@ -252,7 +264,8 @@ def _reduce_losses(values: dict[str, float], world: int, device: torch.device) -
 
 
 def train(model: nn.Module, loss_fn: LossFn, data: Tensor | tuple[Tensor, ...] | Sequence,
-          config: TrainConfig, on_epoch_end: Callable[[int], dict[str, float]] | None = None) -> History:
+          config: TrainConfig, on_epoch_end: Callable[[int], dict[str, float]] | None = None,
+          fingerprint: dict[str, Any] | None = None) -> History:
     """Minimize ``loss_fn(model, batch)["loss"]`` over ``config.epochs`` passes of ``data``.
 
     Args:
@@ -262,6 +275,9 @@ def train(model: nn.Module, loss_fn: LossFn, data: Tensor | tuple[Tensor, ...] |
         config: the recipe and run settings (:class:`TrainConfig`).
         on_epoch_end: called with the epoch index after each epoch (model in eval mode); the floats
             it returns are recorded in ``History.epoch``.
+        fingerprint: what else defines the run (a recipe, the data's name), JSON-like; stored in
+            each checkpoint, and a resume with a different one is refused, as is one with another
+            batch size, seed, schedule, number of epochs, samples or processes.
 
     Returns:
         The :class:`History`; with ``resume=True`` it includes the steps before the interruption.
@@ -291,12 +307,15 @@ def train(model: nn.Module, loss_fn: LossFn, data: Tensor | tuple[Tensor, ...] |
 
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
+    identity = {"epochs": config.epochs, "batch_size": config.batch_size, "lr": config.lr, "seed": config.seed,
+                "weight_decay": config.weight_decay, "optimizer": config.optimizer, "schedule": config.schedule,
+                "min_batch": config.min_batch, "samples": n, "world": world, **(fingerprint or {})}
     torch.manual_seed(config.seed + rank)
     history, start_step = History(), 0
     running: dict[str, Any] = {"sums": {}, "seen": 0}     # this epoch's loss sums so far
     folder = Path(config.checkpoint_dir) if config.checkpoint_dir is not None else None
     if config.resume and folder is not None and (folder / STATE_FILE).is_file():
-        start_step, history, running = _restore(folder, model, optimizer, schedule, scaler, device, rank, world)
+        start_step, history, running = _restore(folder, model, optimizer, schedule, scaler, device, rank, identity)
 
     bar = tqdm(total=total_steps, initial=start_step, desc=config.desc, disable=not (main and config.progress),
                leave=False, dynamic_ncols=True)
@@ -304,18 +323,18 @@ def train(model: nn.Module, loss_fn: LossFn, data: Tensor | tuple[Tensor, ...] |
     def checkpoint(step: int) -> None:
         if folder is None:
             return
-        state = {"step": step, "world": world, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+        state = {"step": step, "identity": identity, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                  "scaler": scaler.state_dict(), "rng": _rng_state(device), "history": history.as_dict(), "running": running}
         if world > 1:   # every rank's RNG, so each continues its own stream
             gathered = [None] * world
             dist.all_gather_object(gathered, state["rng"])
             state["rng_ranks"] = gathered
         if main:
-            _save_checkpoint(folder, model, state)
+            _save_checkpoint(folder, model, state, step)
         if world > 1:
             dist.barrier()
 
-    step, stopping = start_step, False
+    step, stopping, failed = start_step, False, True
     try:
         for epoch in range(start_step // max(1, steps_per_epoch), config.epochs):
             model.train()
@@ -325,9 +344,9 @@ def train(model: nn.Module, loss_fn: LossFn, data: Tensor | tuple[Tensor, ...] |
                 with autocast:
                     losses = loss_fn(net, batch)
                 loss = losses["loss"]
-                if not torch.isfinite(loss.detach()):
-                    raise FloatingPointError(f"{config.desc}: loss became {loss.item()} at step {step}; "
-                                             f"lower the learning rate or check the data")
+                if not _all_finite(loss.detach(), world):   # every rank stops together, none hangs
+                    raise FloatingPointError(f"{config.desc}: loss became {loss.item()} at step {step} "
+                                             f"(on this or another process); lower the learning rate or check the data")
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if config.grad_clip is not None:
@@ -345,12 +364,14 @@ def train(model: nn.Module, loss_fn: LossFn, data: Tensor | tuple[Tensor, ...] |
                 running["seen"] += len(idx)
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, refresh=False)
-                if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total_steps:
-                    checkpoint(step)
+                end_of_epoch = step == (epoch + 1) * steps_per_epoch
+                if config.checkpoint_every and step % config.checkpoint_every == 0 and not end_of_epoch:
+                    checkpoint(step)      # on an epoch's end it waits until the epoch is summarized
                 if config.stop_after_steps is not None and step >= config.stop_after_steps:
                     stopping = True
-                    if step < (epoch + 1) * steps_per_epoch:   # mid-epoch: the summary waits for the resume
+                    if not end_of_epoch:   # mid-epoch: the summary waits for the resume
                         checkpoint(step)
+                        failed = False
                         return history
                     break
             for k, v in running["sums"].items():
@@ -362,31 +383,54 @@ def train(model: nn.Module, loss_fn: LossFn, data: Tensor | tuple[Tensor, ...] |
                     history.epoch.setdefault(k, []).append(float(v))
             if stopping:
                 break
+            if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total_steps:
+                checkpoint(step)
         checkpoint(step)
+        failed = False
     finally:
         bar.close()
         model.eval()
         if created_group:
-            dist.barrier()
+            if not failed:
+                dist.barrier()
             dist.destroy_process_group()
     return history
 
 
 def _restore(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Any,
              scaler: torch.amp.GradScaler, device: torch.device, rank: int,
-             world: int) -> tuple[int, History, dict[str, Any]]:
+             identity: dict[str, Any]) -> tuple[int, History, dict[str, Any]]:
     """Load a checkpoint written by :func:`train` into the live objects; returns (step, history,
-    the interrupted epoch's running loss sums)."""
+    the interrupted epoch's running loss sums). Refuses a checkpoint of another run."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     state = load_checkpoint_state(folder)
-    if state["world"] != world:
-        raise ValueError(f"{folder} was written by a run of {state['world']} processes; resume it with the same "
-                         f"number (this run has {world}), or the data order would differ")
+    before = state.get("identity", {})
+    changed = sorted(k for k in set(before) | set(identity) if _plain(before.get(k)) != _plain(identity.get(k)))
+    if changed:
+        raise ValueError(f"the checkpoint in {folder} was made with other settings ({', '.join(changed)}: "
+                         f"{', '.join(f'{before.get(k)!r} there, {identity.get(k)!r} now' for k in changed[:3])}); "
+                         f"resume with the same ones, or start a new run without resume")
+    with safe_open(str(folder / MODEL_FILE), framework="pt") as f:
+        weights_step = int((f.metadata() or {}).get("step", -1))
+    if weights_step != state["step"]:
+        raise ValueError(f"{folder}: the weights are from step {weights_step}, the optimizer state from step "
+                         f"{state['step']} (the run was stopped while writing them); start a new run")
     model.load_state_dict(load_file(str(folder / MODEL_FILE), device=str(device)))
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
-    scaler.load_state_dict(state["scaler"])
-    _set_rng_state(state["rng_ranks"][rank] if world > 1 else state["rng"], device)
+    if state["scaler"] and scaler.is_enabled():   # empty when written without float16 scaling
+        scaler.load_state_dict(state["scaler"])
+    _set_rng_state(state["rng_ranks"][rank] if "rng_ranks" in state else state["rng"], device)
     h = state["history"]
     return int(state["step"]), History(step=h["step"], epoch=h["epoch"], lr=h["lr"]), state["running"]
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, as they come back from a saved file, so that equal settings compare equal."""
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value

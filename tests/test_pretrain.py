@@ -101,6 +101,33 @@ def test_centering_resume_gives_the_same_weights(tmp_path, synthetic_root):
     assert all(torch.equal(teacher[k], original[k]) for k in original)            # the teacher stays frozen
 
 
+def test_distillation_gradient_is_exactly_zero_when_the_networks_agree():
+    from adlib.pretrain.centering import distillation_loss
+
+    logits = torch.randn(4, 1000, requires_grad=True)
+    loss = distillation_loss(logits, logits.detach().clone())
+    loss.backward()
+    assert loss.item() == 0.0 and torch.count_nonzero(logits.grad) == 0
+    teacher = torch.randn(4, 1000, dtype=torch.float64)   # elsewhere: the KL and its gradient, in float64
+    student = torch.randn(4, 1000, dtype=torch.float64, requires_grad=True)
+    reference = torch.nn.functional.kl_div(torch.log_softmax(student, 1), torch.log_softmax(teacher, 1),
+                                           log_target=True, reduction="batchmean")
+    expected_grad, = torch.autograd.grad(reference, student)
+    student32 = student.detach().float().requires_grad_(True)
+    value = distillation_loss(student32, teacher.float())
+    value.backward()
+    torch.testing.assert_close(value.double(), reference.detach(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(student32.grad.double(), expected_grad, rtol=1e-3, atol=1e-9)
+
+
+def test_lambda_zero_leaves_the_weights_exactly_as_they_were(synthetic_root):
+    images = load_split(MVTecDataset(synthetic_root, "synthetic", "train", image_size=64, limit=8))[0]
+    run = pretrain_centering(images, CenteringRecipe(epochs=2, batch_size=4, lambda_center=0.0, lr=1e-3),
+                             device="cpu", progress=False)
+    original = build_architecture("efficientnet_lite0").state_dict()
+    assert all(torch.equal(run.net.student.state_dict()[k], v) for k, v in original.items())
+
+
 def test_lambda_zero_leaves_padim_as_plain(real_root, tmp_path):
     kwargs = dict(image_size=128)
     train = MVTecDataset(real_root, "bottle", "train", **kwargs)
@@ -131,7 +158,8 @@ def test_cli_pretrain_then_evaluate_with_the_file(synthetic_root, tmp_path, caps
                  "--set", "n_features=20", "--json", str(tmp_path / "m.json")]) == 0
     assert json.loads((tmp_path / "m.json").read_text())["backbone"] == str(out)
     assert main(args + ["--resume", "--lambda-center", "5"]) == 2     # other options than the checkpoint's
-    assert "made with other options (lambda_center)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "made with other settings (recipe: " in err and "'lambda_center': 5.0" in err, err
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -140,6 +168,8 @@ def test_cli_pretrain_then_evaluate_with_the_file(synthetic_root, tmp_path, caps
     (["--epochs", "0"], "--epochs must be at least 1"),
     (["--batch-size", "1"], "batch_size >= 2"),
     (["--resume", "--checkpoint-dir", "/nonexistent/ckpt"], "no checkpoint"),
+    (["--device", "gpu"], "--device gpu"),
+    (["--backbone", "resnet_9000"], "--backbone must be"),
 ])
 def test_cli_pretrain_bad_input_is_one_line_and_exit_2(synthetic_root, tmp_path, capsys, monkeypatch, extra, message):
     monkeypatch.chdir(tmp_path)

@@ -53,6 +53,48 @@ def test_resume_continues_bit_for_bit(tmp_path, stop_at):
     assert len(full.epoch["loss"]) == 3 and full.steps == 24
 
 
+def test_a_crash_after_a_checkpoint_on_an_epoch_end_resumes_with_the_epoch_summaries(tmp_path):
+    config = dict(epochs=3, batch_size=8, lr=1e-2, device="cpu", progress=False, checkpoint_every=8)
+    epochs_seen = lambda e: {"val": float(e)}
+    model, loss_fn, data = make_problem()
+    full = train(model, loss_fn, data, TrainConfig(**config, checkpoint_dir=tmp_path / "a"), on_epoch_end=epochs_seen)
+
+    model, loss_fn, data = make_problem()
+    calls = iter(range(1000))
+
+    def crashing(net, batch):       # a real interruption: the 12th step raises, no checkpoint of its own
+        if next(calls) == 11:
+            raise KeyboardInterrupt
+        return loss_fn(net, batch)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(model, crashing, data, TrainConfig(**config, checkpoint_dir=tmp_path / "b"), on_epoch_end=epochs_seen)
+    assert load_checkpoint_state(tmp_path / "b")["step"] == 8       # the checkpoint at epoch 0's end
+    model, loss_fn, data = make_problem()
+    resumed = train(model, loss_fn, data, TrainConfig(**config, checkpoint_dir=tmp_path / "b", resume=True),
+                    on_epoch_end=epochs_seen)
+    assert resumed.epoch == full.epoch and resumed.epoch["val"] == [0.0, 1.0, 2.0]
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in load_file(str(tmp_path / "a" / "model.safetensors")).items())
+
+
+def test_resume_refuses_other_settings_and_a_half_written_checkpoint(tmp_path):
+    model, loss_fn, data = make_problem()
+    train(model, loss_fn, data, TrainConfig(epochs=2, batch_size=8, device="cpu", progress=False,
+                                            checkpoint_dir=tmp_path, stop_after_steps=3), fingerprint={"data": "a"})
+    with pytest.raises(ValueError, match=r"other settings \(batch_size"):
+        train(model, loss_fn, data, TrainConfig(epochs=2, batch_size=4, device="cpu", progress=False,
+                                                checkpoint_dir=tmp_path, resume=True), fingerprint={"data": "a"})
+    with pytest.raises(ValueError, match=r"other settings \(data"):
+        train(model, loss_fn, data, TrainConfig(epochs=2, batch_size=8, device="cpu", progress=False,
+                                                checkpoint_dir=tmp_path, resume=True), fingerprint={"data": "b"})
+    from safetensors.torch import save_file
+    save_file(load_file(str(tmp_path / "model.safetensors")), str(tmp_path / "model.safetensors"),
+              metadata={"step": "5"})   # weights of a later step beside the step-3 optimizer state
+    with pytest.raises(ValueError, match="weights are from step 5, the optimizer state from step 3"):
+        train(model, loss_fn, data, TrainConfig(epochs=2, batch_size=8, device="cpu", progress=False,
+                                                checkpoint_dir=tmp_path, resume=True), fingerprint={"data": "a"})
+
+
 def test_checkpoint_loads_with_weights_only_and_records_every_step(tmp_path):
     model, loss_fn, data = make_problem()
     history = train(model, loss_fn, data, TrainConfig(epochs=2, batch_size=16, device="cpu", progress=False,

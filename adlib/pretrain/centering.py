@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,9 +161,21 @@ def center_loss(embedding: Tensor, form: str = "per_position") -> Tensor:
 
 
 def distillation_loss(logits: Tensor, teacher_logits: Tensor) -> Tensor:
-    """``KL(p_teacher || p_student)`` over the 1000 classes, averaged over the batch; 0 when equal."""
-    return F.kl_div(F.log_softmax(logits.float(), 1), F.log_softmax(teacher_logits.float(), 1),
-                    log_target=True, reduction="batchmean")
+    """``KL(p_teacher || p_student)`` over the classes of ``(B, K)`` logits, averaged over the batch.
+
+    Its gradient with respect to the student's logits is ``(p_student - p_teacher) / B``; the
+    loss is written so that autograd returns exactly that, and so exactly zero when the two
+    networks agree. Through ``log_softmax`` and ``kl_div`` the same gradient comes out as rounding
+    noise of about 1e-8, and Adam, which divides each gradient by its own running magnitude, turns
+    noise into full-size steps: with lambda = 0 the weights would drift instead of staying put.
+    """
+    logits, teacher_logits = logits.float(), teacher_logits.float()
+    with torch.no_grad():
+        log_p_teacher = F.log_softmax(teacher_logits, 1)
+        value = F.kl_div(F.log_softmax(logits, 1), log_p_teacher, log_target=True, reduction="batchmean")
+        grad = (F.softmax(logits, 1) - F.softmax(teacher_logits, 1)) / len(logits)   # one function on both sides
+    surrogate = (grad * logits).sum()           # d surrogate / d logits = grad, exactly
+    return value + surrogate - surrogate.detach()
 
 
 class _LabelledImages:
@@ -204,23 +217,27 @@ class CenteringRun:
     history: History
     seconds: float
     train_images: int
+    world_size: int = 1     # processes: each took its batch mean over its own batch_size images
 
     def save(self, path: str | Path, **extra: Any) -> str:
         """Write the fine-tuned backbone (student) as a backbone file; returns its SHA-256. ``extra``
         goes into the recipe metadata (e.g. the category it was trained on)."""
         recipe = {"method": "centering", **dataclasses.asdict(self.recipe), "steps": self.history.steps,
-                  "train_images": self.train_images, "seconds": round(self.seconds, 1), **extra}
+                  "train_images": self.train_images, "seconds": round(self.seconds, 1),
+                  "world_size": self.world_size, **extra}
         return save_backbone(self.net.student, path, self.net.architecture, recipe)
 
 
 def pretrain_centering(images: Tensor, recipe: CenteringRecipe = CenteringRecipe(), *,
                        device: str | torch.device | None = None, checkpoint_dir: str | Path | None = None,
                        checkpoint_every: int = 0, resume: bool = False, stop_after_steps: int | None = None,
-                       progress: bool = True) -> CenteringRun:
+                       progress: bool = True, data_name: str | None = None) -> CenteringRun:
     """Fine-tune ``recipe.backbone`` on the target's normal images ``(N, 3, H, W)`` (ImageNet-normalized).
 
     Runs on :func:`adlib.train.train` (checkpoints, resume, DDP under ``torchrun``). The per-step
-    record holds ``loss``, ``l_class`` and ``l_center``.
+    record holds ``loss``, ``l_class`` and ``l_center``. Under ``torchrun`` each process takes its
+    batch mean over its own ``batch_size`` images (the file records ``world_size``). A resume
+    refuses a checkpoint of another recipe, image size or ``data_name``.
     """
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be (N, 3, H, W), got {tuple(images.shape)}")
@@ -252,5 +269,7 @@ def pretrain_centering(images: Tensor, recipe: CenteringRecipe = CenteringRecipe
                          seed=recipe.seed, device=device, min_batch=2, checkpoint_dir=checkpoint_dir,
                          checkpoint_every=checkpoint_every, resume=resume, stop_after_steps=stop_after_steps,
                          desc=f"centering (lambda={recipe.lambda_center:g}, {recipe.form})", progress=progress)
-    history = train(net, loss_fn, images, config)
-    return CenteringRun(net.to("cpu").eval(), recipe, history, time.perf_counter() - start, len(images))
+    fingerprint = {"recipe": dataclasses.asdict(recipe), "image_shape": list(images.shape[1:]), "data": data_name}
+    history = train(net, loss_fn, images, config, fingerprint=fingerprint)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return CenteringRun(net.to("cpu").eval(), recipe, history, time.perf_counter() - start, len(images), world)
