@@ -191,3 +191,25 @@ def test_default_recipe_meets_the_bar_on_real_bottle(real_root, tmp_path):
                        test, train, progress=False).metrics
     assert m["image_auroc"] >= 0.99 and m["pixel_auroc"] >= 0.975, m
     assert run.history.epoch["l_center"][-1] < run.history.epoch["l_center"][0]
+
+
+def test_cli_pretrain_under_torchrun_writes_one_file_from_two_processes(synthetic_root, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "ddp.safetensors"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "adlib",
+           "pretrain", "centering", "--data", str(synthetic_root), "--category", "synthetic", "--out", str(out),
+           "--epochs", "1", "--batch-size", "2", "--image-size", "64", "--limit", "8", "--device", "cpu",
+           "--lambda-center", "1"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count('"sha256"') == 1                  # rank 0 alone reports and writes
+    recipe = read_backbone_metadata(out)["recipe"]
+    assert recipe["world_size"] == 2 and recipe["steps"] == 2  # 8 images / (2 ranks x 2) per step
+    moved = load_backbone_file(out)[0].state_dict()
+    original = build_architecture("efficientnet_lite0").state_dict()
+    assert any(not torch.equal(moved[k], original[k]) for k in original)   # it trained
