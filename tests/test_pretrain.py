@@ -213,3 +213,28 @@ def test_cli_pretrain_under_torchrun_writes_one_file_from_two_processes(syntheti
     moved = load_backbone_file(out)[0].state_dict()
     original = build_architecture("efficientnet_lite0").state_dict()
     assert any(not torch.equal(moved[k], original[k]) for k in original)   # it trained
+
+
+def test_labelled_folder_gives_cross_entropy_on_imagenet_indices(synthetic_root, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from adlib.pretrain.centering import _LabelledImages
+
+    rng = np.random.default_rng(0)
+    for synset in ("n01440764", "n01443537"):        # ImageNet classes 0 (tench) and 1 (goldfish)
+        (tmp_path / "lab" / synset).mkdir(parents=True)
+        for k in range(2):
+            Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(tmp_path / "lab" / synset / f"{k}.png")
+    stream = _LabelledImages(str(tmp_path / "lab"), 64, 3)
+    assert stream.to_imagenet.tolist() == [0, 1]
+    images, labels = stream.sample(torch.device("cpu"))
+    assert images.shape == (3, 3, 64, 64) and set(labels.tolist()) <= {0, 1}
+    normals = load_split(MVTecDataset(synthetic_root, "synthetic", "train", image_size=64, limit=4))[0]
+    run = pretrain_centering(normals, CenteringRecipe(epochs=1, batch_size=2, labelled=str(tmp_path / "lab")),
+                             device="cpu", progress=False)
+    assert all(v > 0.1 for v in run.history.step["l_class"])   # a cross-entropy, not a zero-start KL
+    (tmp_path / "bad" / "cats").mkdir(parents=True)
+    Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "bad" / "cats" / "0.png")
+    with pytest.raises(ValueError, match="must be ImageNet synsets"):
+        _LabelledImages(str(tmp_path / "bad"), 64, 2)
