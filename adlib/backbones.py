@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .data import _sha256 as file_sha256   # the one file-hash helper; re-exported here
 from .settings import default_device
 
 __all__ = [
@@ -260,15 +261,6 @@ BACKBONE_FORMAT = "adlib-backbone/1"
 
 class BackboneFileError(ValueError):
     """A backbone file that cannot be used: not one, another architecture, tampered or missing."""
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """SHA-256 of a file's bytes (hex): the identity a detector records of its backbone file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def tensors_sha256(state: dict[str, Tensor]) -> str:

@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..backbones import (DEFAULT_BACKBONE, EfficientNetLite, build_architecture, concat_stages, input_affine,
-                         save_backbone)
+from ..backbones import (DEFAULT_BACKBONE, EfficientNetLite, _resnet_stages, build_architecture, concat_stages,
+                         input_affine, save_backbone)
 from ..train import History, TrainConfig, train
 
 __all__ = ["CenteringRecipe", "CenteringNet", "CenteringRun", "center_loss", "pretrain_centering"]
@@ -80,13 +80,9 @@ def _lite_features_and_logits(model: EfficientNetLite, x: Tensor, strides: tuple
 
 def _resnet_features_and_logits(model: nn.Module, x: Tensor, strides: tuple[int, ...]
                                 ) -> tuple[dict[int, Tensor], Tensor]:
-    x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
-    feats = {}
-    for stride, layer in zip((4, 8, 16, 32), (model.layer1, model.layer2, model.layer3, model.layer4)):
-        x = layer(x)
-        if stride in strides:
-            feats[stride] = x
-    return feats, model.fc(torch.flatten(model.avgpool(x), 1))
+    feats = _resnet_stages(model, x, tuple(strides) + (32,))
+    top = feats.pop(32) if 32 not in strides else feats[32]
+    return feats, model.fc(torch.flatten(model.avgpool(top), 1))
 
 
 def features_and_logits(model: nn.Module, x: Tensor, strides: tuple[int, ...]) -> tuple[dict[int, Tensor], Tensor]:
