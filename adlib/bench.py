@@ -11,6 +11,10 @@ Peers come from the ``bench`` extra (``pip install -e .[bench]``): anomalib (its
 nearest-neighbour search, KCenterGreedy, PaDiM Gaussian and distance) and faiss-cpu; a peer that
 is not installed is reported as skipped. Writes ``bench.md`` and ``bench.csv`` to ``--out``.
 
+The ``stream`` row times the semi-formula anomaly stream against the training step it feeds,
+on the same device (``speedup`` = how many times faster the stream makes images than training
+uses them).
+
 ``--only methods`` runs whole methods instead: adlib's and anomalib's own PaDiM and PatchCore on
 the same MVTec category, weights and image size (see :mod:`adlib.peers`), and writes
 ``methods.md`` and ``methods.csv``; ``--train-limit N`` caps the training images (``--quick``: 40),
@@ -321,8 +325,8 @@ def bench_mahalanobis(n_train: int, channels: int, side: int, device: torch.devi
 # Blobs
 # ---------------------------------------------------------------------------------------------
 
-def _blobs_loop(images: torch.Tensor, params: kernels.BlobParams) -> torch.Tensor:
-    """The same blobs, one image and one component at a time."""
+def _blobs_loop(images: torch.Tensor, params: kernels.BlobParams, mask_level: float = 2.0) -> torch.Tensor:
+    """The same blobs, one image and one component at a time, each cut off at its ellipse."""
     b, c, h, w = images.shape
     ys = (torch.arange(h, device=images.device) + 0.5) / h
     xs = (torch.arange(w, device=images.device) + 0.5) / w
@@ -337,7 +341,8 @@ def _blobs_loop(images: torch.Tensor, params: kernels.BlobParams) -> torch.Tenso
             t = params.angle[i, k]
             u = ((xx - cx) * torch.cos(t) + (yy - cy) * torch.sin(t)) / sx
             v = (-(xx - cx) * torch.sin(t) + (yy - cy) * torch.cos(t)) / sy
-            blob = params.amplitude[i, k] * torch.exp(-0.5 * (u * u + v * v))
+            q = u * u + v * v
+            blob = params.amplitude[i, k] * torch.exp(-0.5 * q) * (q <= mask_level ** 2)
             out[i] += blob * params.colour[i].view(c, 1, 1)
     return out
 
@@ -376,14 +381,43 @@ def blob_stream_rate(batch: int, side: int, device: torch.device, seconds: float
     return rate
 
 
+def bench_semi_formula_stream(batch: int, side: int, device: torch.device, repeat: int) -> list[dict]:
+    """The semi-formula stream against the training step it feeds, on the same device: one batch of
+    ``batch`` anomalous images (3 x side x side, drawn from 16 normal images) vs one optimizer step
+    of :mod:`adlib.pretrain.semi_formula` on such a batch (EfficientNet-Lite0, ``batch`` pairs).
+    ``speedup`` = step time / stream time = how many times faster the stream makes images than
+    training consumes them (the bar: at least 5)."""
+    from .pretrain.semi_formula import SemiFormulaNet, SemiFormulaRecipe, SemiFormulaStream, semi_formula_losses
+
+    recipe = SemiFormulaRecipe(batch_size=batch, images=batch * 1000)
+    normals = torch.randn(16, 3, side, side, generator=torch.Generator().manual_seed(5))
+    stream = SemiFormulaStream(normals, recipe, device)
+    counter = iter(range(1 << 30))
+    ours = measure(lambda: stream.samples(next(counter)), device, max(repeat, 5))
+    net = SemiFormulaNet(recipe.backbone, recipe.strides).to(device)
+    optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=recipe.lr)
+    fixed = stream.samples(0)
+
+    def step() -> float:
+        losses = semi_formula_losses(net(torch.cat([fixed["normal"], fixed["anomalous"]])), fixed, recipe)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        optimizer.step()
+        return float(losses["loss"].detach())
+    theirs = measure(step, device, repeat)
+    print(f"  stream {batch / ours.seconds:,.0f} images/s; training {batch / theirs.seconds:,.1f} pairs/s; "
+          f"ratio {theirs.seconds / ours.seconds:,.1f}x (bar: 5x)")
+    return [_row("semi_formula stream", "its training step (Lite0)", f"B={batch} 3x{side}x{side}", ours, theirs, None)]
+
+
 # ---------------------------------------------------------------------------------------------
 
 SIZES = {
     "quick": {"knn": [(6272, 16384, 152), (6272, 16384, 1536)], "coreset": [(20480, 152, 0.01)],
-              "mahalanobis": [(64, 100, 28)], "blobs": [(64, 224)]},
+              "mahalanobis": [(64, 100, 28)], "blobs": [(64, 224)], "stream": [(8, 128)]},
     "full": {"knn": [(39200, 16384, 152), (39200, 163840, 152), (39200, 16384, 1536)],
              "coreset": [(81920, 152, 0.1)], "mahalanobis": [(209, 100, 56), (209, 550, 56)],
-             "blobs": [(256, 224)]},
+             "blobs": [(256, 224)], "stream": [(8, 256), (64, 256)]},
 }
 
 
@@ -391,7 +425,7 @@ def run(quick: bool, only: list[str] | None, device: torch.device) -> list[dict]
     sizes = SIZES["quick" if quick else "full"]
     repeat = 3 if quick else 1
     rows: list[dict] = []
-    wanted = set(only or ["knn", "coreset", "mahalanobis", "blobs"])
+    wanted = set(only or ["knn", "coreset", "mahalanobis", "blobs", "stream"])
     if "knn" in wanted:
         for q, m, d in sizes["knn"]:
             print(f"knn Q={q} M={m} D={d}")
@@ -409,6 +443,12 @@ def run(quick: bool, only: list[str] | None, device: torch.device) -> list[dict]
             print(f"blobs B={b} side={side}")
             rows += bench_blobs(b, side, device, repeat)
             blob_stream_rate(b, side, device, seconds=1.0 if quick else 5.0)
+    if "stream" in wanted:
+        for b, side in sizes["stream"]:
+            if device.type == "cpu" and b > 8:
+                continue                      # 64 pairs a step: a GPU size
+            print(f"semi-formula stream B={b} side={side}")
+            rows += bench_semi_formula_stream(b, side, device, repeat)
     return rows
 
 
@@ -432,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m adlib.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (minutes on a laptop CPU)")
     parser.add_argument("--out", type=Path, default=Path("bench_out"))
-    parser.add_argument("--only", nargs="*", choices=["knn", "coreset", "mahalanobis", "blobs", "methods"])
+    parser.add_argument("--only", nargs="*", choices=["knn", "coreset", "mahalanobis", "blobs", "stream", "methods"])
     parser.add_argument("--device", default=None)
     parser.add_argument("--category", default="bottle", help="MVTec AD category for --only methods")
     parser.add_argument("--methods", nargs="*", choices=["padim", "patchcore"], default=["padim", "patchcore"],

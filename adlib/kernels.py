@@ -31,7 +31,7 @@ from threadpoolctl import threadpool_limits
 from torch import Tensor
 
 __all__ = ["knn", "greedy_coreset", "random_projection", "GaussianAccumulator", "PositionGaussians",
-           "mahalanobis", "gmm_blobs", "BlobParams", "DEFAULT_BUDGET_MB"]
+           "mahalanobis", "gmm_blobs", "paint_blobs", "blob_score", "BlobParams", "DEFAULT_BUDGET_MB"]
 
 DEFAULT_BUDGET_MB = 256.0
 
@@ -818,11 +818,14 @@ def gmm_blobs(images: Tensor, n_components: tuple[int, int] = (1, 4), centre: tu
     ``"gray"`` all ones). Vectorized over images and components (images grouped by their component
     count), on the images' device; the same ``generator`` seed gives the same anomalies.
 
+    Each component is cut off at its ``mask_level``-sigma ellipse (zero outside it), so a pixel
+    changes exactly where the mask says: the mask is the ground truth of the change, not an
+    approximation of it (at ``mask_level = 2`` the cut is at e^-2 = 13.5% of the amplitude).
+
     Returns:
         anomalous images ``(B, C, H, W)``; masks ``(B, 1, H, W)``: pixels inside some component's
-        ``mask_level``-sigma ellipse; the :class:`BlobParams`; and a score ``(B,)``:
-        ``sum_k |a_k| * area_k``, with ``area_k = pi * (mask_level sigma_y)(mask_level sigma_x)`` the
-        ellipse's area as a fraction of the image, i.e. the blobs' total contrast times extent.
+        ``mask_level``-sigma ellipse; the :class:`BlobParams`; and a score ``(B,)`` from
+        :func:`blob_score`: the blobs' total contrast times extent.
     """
     if images.ndim != 4:
         raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
@@ -855,15 +858,33 @@ def gmm_blobs(images: Tensor, n_components: tuple[int, int] = (1, 4), centre: tu
                else torch.ones(b, c, device=device))
 
     params = BlobParams(centres, sigmas, angles, amps, active, weights)
-    out, masks = _paint_blobs(images, params, mask_level)
-    area = math.pi * (mask_level * sigmas[..., 0]) * (mask_level * sigmas[..., 1])
-    score = (amps.abs() * area).sum(1)
+    out, masks, score = paint_blobs(images, params, mask_level)
     return out, masks, params, score
 
 
+def blob_score(params: BlobParams, mask_level: float = 2.0) -> Tensor:
+    """The anomaly score ``(B,)`` of each image's blobs: ``sum_k |a_k| * area_k`` over its active
+    components, ``area_k = pi (mask_level sigma_y,k)(mask_level sigma_x,k)`` the ellipse's area as a
+    fraction of the image. It grows with every amplitude, either standard deviation and the number
+    of components, and ignores centre, angle and colour (the part of an ellipse beyond the border
+    still counts)."""
+    area = math.pi * (mask_level * params.sigma[..., 0]) * (mask_level * params.sigma[..., 1])
+    return (params.amplitude.abs() * area * params.active).sum(1)
+
+
+def paint_blobs(images: Tensor, params: BlobParams, mask_level: float = 2.0) -> tuple[Tensor, Tensor, Tensor]:
+    """Add given blobs to ``images (B, C, H, W)`` -> (anomalous images, masks ``(B, 1, H, W)``, scores
+    ``(B,)``): :func:`gmm_blobs` with parameters chosen by the caller, e.g. to change one at a time."""
+    if images.ndim != 4 or params.centre.shape[0] != images.shape[0]:
+        raise ValueError(f"images must be (B, C, H, W) with B = {params.centre.shape[0]} parameter rows, "
+                         f"got {tuple(images.shape)}")
+    out, masks = _paint_blobs(images, params, mask_level)
+    return out, masks, blob_score(params, mask_level)
+
+
 # exp() of very negative numbers gives subnormal floats, which x86 CPUs make ~4x slower (microcode
-# assists; measured 72 -> 17 ms for the exponentials of 256 images); below this exponent a blob is
-# under 2e-35 of its amplitude, so the exponent is clamped here
+# assists; measured 72 -> 17 ms for the exponentials of 256 images); a component is cut to exactly 0
+# below this exponent at the latest (e^-80 < 2e-35 of its amplitude), whatever mask_level asks
 _EXPONENT_FLOOR = -80.0
 # CPU: images x components x pixels computed per chunk, so that the temporaries stay near the cache
 _BLOB_CHUNK_ELEMENTS = 1 << 21
@@ -907,8 +928,8 @@ def _blob_field(centre: Tensor, quadratic: Tensor, amplitude: Tensor, h: int, w:
     amplitudes ``(g, k)`` -> field ``sum_k a_k exp(-q_k / 2)`` and "inside some ellipse" ``(g, H, W)``.
 
     The exponent ``-q/2 = u(y) + v(x) + s(y) x`` has a row part, a column part and one product
-    term, so three passes build it; the mask is one ``max`` over components, the sum one
-    batched product.
+    term, so three passes build it; below the cut-off it is set to -inf (the component is zero
+    there); the mask is one ``max`` over components, the sum one batched product.
     """
     g, k, _ = centre.shape
     ys = (torch.arange(h, device=centre.device, dtype=torch.float32) + 0.5) / h
@@ -920,6 +941,7 @@ def _blob_field(centre: Tensor, quadratic: Tensor, amplitude: Tensor, h: int, w:
     column = (-0.5 * coef_a)[..., None] * dx * dx
     exponent = row[..., :, None] + column[..., None, :]               # (g, k, H, W)
     exponent.addcmul_((-coef_b[..., None] * dy)[..., :, None], dx[..., None, :])
-    inside = exponent.amax(1) >= -0.5 * mask_level ** 2
-    blobs = exponent.clamp_(min=_EXPONENT_FLOOR).exp_().view(g, k, h * w)
+    cut = max(-0.5 * mask_level ** 2, _EXPONENT_FLOOR)
+    inside = exponent.amax(1) >= cut
+    blobs = exponent.masked_fill_(exponent < cut, -math.inf).exp_().view(g, k, h * w)   # exp(-inf) = 0
     return torch.bmm(amplitude[:, None, :], blobs).view(g, h, w), inside

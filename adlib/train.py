@@ -18,29 +18,32 @@ It owns what each method would otherwise repeat, and get subtly different:
   alone writes files and draws the progress bar.
 
 A method supplies a model, its training data (a tensor, a tuple of tensors or a map-style
-dataset, first axis = samples) and a loss function ``loss_fn(model, batch) -> {"loss": scalar,
+dataset, first axis = samples; or a :class:`StepStream` that makes each batch from its step number,
+e.g. synthetic anomalies generated on the fly) and a loss function ``loss_fn(model, batch) -> {"loss": scalar,
 ...}``: the ``"loss"`` entry is minimized, every entry is recorded. ``model`` is the wrapped
 (DDP) module when distributed, so ``loss_fn`` must go through ``model(...)``.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from .settings import default_device
 
 __all__ = ["TrainConfig", "History", "train", "distributed_context", "is_main_process", "LossFn",
-           "load_checkpoint_state"]
+           "load_checkpoint_state", "StepStream"]
 
 Batch = Any
 LossFn = Callable[[nn.Module, Batch], dict[str, Tensor]]
@@ -72,6 +75,7 @@ class TrainConfig:
     checkpoint_every: int = 0        # steps between checkpoints; 0 = only at the end
     resume: bool = False             # continue from checkpoint_dir's last checkpoint if there is one
     stop_after_steps: int | None = None
+    workers: int = 0                 # DataLoader worker processes for a StepStream (0 = in this process)
     desc: str = "train"
     progress: bool = True
 
@@ -155,6 +159,43 @@ def _gather(data: Tensor | Sequence, idx: Tensor) -> Batch:
     from torch.utils.data import default_collate
 
     return default_collate([data[int(i)] for i in idx])
+
+
+class StepStream(IterableDataset):
+    """Training data made on the fly, one whole batch per optimizer step, as a pure function of
+    ``(epoch, step, rank, world)``: nothing is stored, any process can start at any step, and a
+    restarted run sees exactly the batches an unbroken one would.
+
+    A subclass sets ``batch_size`` (per process) and implements :meth:`steps_per_epoch` and
+    :meth:`batch`. The loop iterates a positioned copy (:meth:`at`) through a ``DataLoader``;
+    with ``workers`` > 0 worker ``w`` of ``W`` makes the steps ``s`` with ``s % W == w``, and
+    the loader's round-robin keeps the order, so the batches do not depend on the worker count.
+    """
+
+    batch_size: int
+    _position: tuple[int, int, int, int] = (0, 0, 0, 1)
+
+    def steps_per_epoch(self, world: int) -> int:
+        """Optimizer steps in one epoch when ``world`` processes share it."""
+        raise NotImplementedError
+
+    def batch(self, epoch: int, step: int, rank: int, world: int) -> Batch:
+        """The batch that process ``rank`` of ``world`` trains on at ``step`` of ``epoch``."""
+        raise NotImplementedError
+
+    def at(self, epoch: int, start: int, rank: int = 0, world: int = 1) -> "StepStream":
+        """A shallow copy that iterates ``epoch`` from step ``start`` for process ``rank`` of ``world``."""
+        positioned = copy.copy(self)
+        positioned._position = (epoch, start, rank, world)
+        return positioned
+
+    def __iter__(self) -> Iterator[Batch]:
+        epoch, start, rank, world = self._position
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for step in range(start, self.steps_per_epoch(world)):
+            if step % workers == worker:
+                yield self.batch(epoch, step, rank, world)
 
 
 def _to_device(batch: Batch, device: torch.device) -> Batch:
@@ -271,7 +312,8 @@ def train(model: nn.Module, loss_fn: LossFn, data: Tensor | tuple[Tensor, ...] |
     Args:
         model: its trainable parameters (``requires_grad``) are optimized; it is moved to the device.
         loss_fn: ``(model, batch) -> {"loss": scalar, other: scalar, ...}``; batches arrive on the device.
-        data: a tensor or tuple of tensors ``(N, ...)`` (rows gathered by index), or a map-style dataset.
+        data: a tensor or tuple of tensors ``(N, ...)`` (rows gathered by index), a map-style dataset,
+            or a :class:`StepStream` (whose ``batch_size`` must equal the config's).
         config: the recipe and run settings (:class:`TrainConfig`).
         on_epoch_end: called with the epoch index after each epoch (model in eval mode); the floats
             it returns are recorded in ``History.epoch``.
@@ -285,10 +327,17 @@ def train(model: nn.Module, loss_fn: LossFn, data: Tensor | tuple[Tensor, ...] |
     device = default_device(config.device)
     rank, world, device, created_group = distributed_context(device)
     main = rank == 0
-    n = _num_samples(data)
+    stream = data if isinstance(data, StepStream) else None
+    if stream is not None:
+        if stream.batch_size != config.batch_size:
+            raise ValueError(f"the stream makes batches of {stream.batch_size}, the config asks for {config.batch_size}")
+        steps_per_epoch = stream.steps_per_epoch(world)
+        n = steps_per_epoch * config.batch_size * world
+    else:
+        n = _num_samples(data)
+        steps_per_epoch = len(epoch_batches(n, 0, config, rank, world)) if n else 0
     if n == 0:
         raise ValueError("no training samples")
-    steps_per_epoch = len(epoch_batches(n, 0, config, rank, world))
     if steps_per_epoch == 0 and config.epochs > 0:
         raise ValueError(f"{n} samples give no batch of at least min_batch={config.min_batch} per process")
     total_steps = steps_per_epoch * config.epochs
@@ -338,9 +387,8 @@ def train(model: nn.Module, loss_fn: LossFn, data: Tensor | tuple[Tensor, ...] |
     try:
         for epoch in range(start_step // max(1, steps_per_epoch), config.epochs):
             model.train()
-            pieces = epoch_batches(n, epoch, config, rank, world)
-            for idx in pieces[step - epoch * steps_per_epoch:]:
-                batch = _to_device(_gather(data, idx), device)
+            for batch, size in _epoch(data, stream, n, epoch, step - epoch * steps_per_epoch, config, rank, world):
+                batch = _to_device(batch, device)
                 with autocast:
                     losses = loss_fn(net, batch)
                 loss = losses["loss"]
@@ -360,8 +408,8 @@ def train(model: nn.Module, loss_fn: LossFn, data: Tensor | tuple[Tensor, ...] |
                 values = _reduce_losses({k: float(v.detach()) for k, v in losses.items()}, world, device)
                 for k, v in values.items():
                     history.step.setdefault(k, []).append(v)
-                    running["sums"][k] = running["sums"].get(k, 0.0) + v * len(idx)
-                running["seen"] += len(idx)
+                    running["sums"][k] = running["sums"].get(k, 0.0) + v * size
+                running["seen"] += size
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, refresh=False)
                 end_of_epoch = step == (epoch + 1) * steps_per_epoch
@@ -395,6 +443,18 @@ def train(model: nn.Module, loss_fn: LossFn, data: Tensor | tuple[Tensor, ...] |
                 dist.barrier()
             dist.destroy_process_group()
     return history
+
+
+def _epoch(data: Any, stream: StepStream | None, n: int, epoch: int, start: int, config: TrainConfig,
+           rank: int, world: int) -> Iterator[tuple[Batch, int]]:
+    """``(batch, number of samples)`` for this process's steps of ``epoch`` from step ``start`` on."""
+    if stream is not None:
+        loader = DataLoader(stream.at(epoch, start, rank, world), batch_size=None, num_workers=config.workers)
+        for batch in loader:
+            yield batch, config.batch_size
+        return
+    for idx in epoch_batches(n, epoch, config, rank, world)[start:]:
+        yield _gather(data, idx), len(idx)
 
 
 def _restore(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Any,

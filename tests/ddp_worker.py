@@ -1,6 +1,7 @@
-"""Run by tests/test_train.py under ``torchrun --nproc-per-node 2``: trains a small model on the
-shared loop (gloo on the CPU) and writes this rank's final weights to ``OUT/rank{R}.safetensors``
-(the test, not the loop, writes per-rank files, to compare them)."""
+"""Run by the tests under ``torchrun --nproc-per-node 2``: trains on the shared loop (gloo on the CPU)
+and writes this rank's final weights to ``OUT/rank{R}.safetensors`` (the test, not the loop, writes
+per-rank files, to compare them). ``worker.py OUT`` trains test_train's small model;
+``worker.py OUT semi_formula`` pre-trains EfficientNet-Lite0 on a small semi-formula stream."""
 
 import sys
 from pathlib import Path
@@ -13,8 +14,25 @@ from test_train import make_problem  # noqa: E402
 
 from adlib.train import TrainConfig, train  # noqa: E402
 
+def semi_formula(out: Path, rank: int) -> None:
+    from adlib.pretrain import SemiFormulaRecipe, SemiFormulaStream, pretrain_semi_formula
+
+    normals = torch.randn(6, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    recipe = SemiFormulaRecipe(images=32, batch_size=4, lr=1e-3)
+    run = pretrain_semi_formula(normals, recipe, device="cpu", progress=False)
+    stream = SemiFormulaStream(normals, recipe, "cpu")
+    seen = torch.cat([stream.batch(0, s, rank, 2)["index"] for s in range(stream.steps_per_epoch(2))])
+    weights = {k: v.contiguous() for k, v in run.net.state_dict().items()}
+    weights["losses"] = torch.tensor(run.history.step["loss"], dtype=torch.float64)
+    save_file(weights, str(out / f"rank{rank}.safetensors"))
+    save_file({"indices": seen}, str(out / f"indices{rank}.safetensors"))
+
+
 if __name__ == "__main__":
     out = Path(sys.argv[1])
+    if sys.argv[2:] == ["semi_formula"]:
+        semi_formula(out, int(__import__("os").environ["RANK"]))
+        sys.exit(0)
     model, loss_fn, data = make_problem()
     config = TrainConfig(epochs=3, batch_size=4, lr=1e-2, device="cpu", progress=False,
                          checkpoint_dir=out / "ckpt")

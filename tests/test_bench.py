@@ -24,6 +24,16 @@ def test_bench_writes_the_documented_csv(tmp_path, capsys):
     assert "million a minute" in capsys.readouterr().out        # the streaming rate (the GPU bar's unit)
 
 
+def test_stream_row_prints_the_ratio_of_stream_to_training_rate(tmp_path, capsys):
+    assert bench.main(["--quick", "--only", "stream", "--out", str(tmp_path), "--device", "cpu"]) == 0
+    with open(tmp_path / "bench.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["kernel"] == "semi_formula stream"
+    ratio = float(row["speedup"])
+    assert ratio == pytest.approx(float(row["peer_s"]) / float(row["adlib_s"]), rel=1e-9)
+    assert f"ratio {ratio:,.1f}x" in capsys.readouterr().out
+
+
 def test_blob_stream_rate_counts_whole_batches(monkeypatch):
     calls = []
     real = kernels.gmm_blobs
