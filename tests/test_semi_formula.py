@@ -107,11 +107,26 @@ def test_losses_record_their_parts_and_reach_the_weights():
     batch = stream.samples(0)
     out = semi_formula_losses(net(torch.cat([batch["normal"], batch["anomalous"]])), batch, stream.recipe)
     assert set(out) == {"loss", "l_sep", "l_rank", "d_blob", "d_far", "rank_corr"}
+    assert set(batch) == {"normal", "anomalous", "mask", "score", "peak", "index"}
     out["loss"].backward()
     stem = net.backbone._conv_stem.weight
     assert stem.grad is not None and stem.grad.abs().sum() > 0
     assert net.backbone._conv_head.weight.grad is None                  # beyond stride 16: frozen
     assert all(m.weight.grad is None for m in net.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_probe_sees_bigger_changes_inside_blobs_and_for_stronger_blobs():
+    from adlib.pretrain.semi_formula import probe
+
+    normals = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(3)) * 0.2 - 1.0   # smooth, dark
+    stream = SemiFormulaStream(normals, SemiFormulaRecipe(images=64, batch_size=8), "cpu")
+    rows = probe(SemiFormulaNet("efficientnet_lite0"), stream, batches=2)
+    assert all(len(v) == 16 for v in rows.values())
+    assert (rows["d_blob"].nan_to_num(1e9) > rows["d_far"]).all()             # the blob moves its patches most
+    weak, strong = (SemiFormulaStream(normals, SemiFormulaRecipe(images=64, batch_size=8, amplitude=a), "cpu")
+                    for a in ((0.05, 0.05), (0.5, 0.5)))
+    net = SemiFormulaNet("efficientnet_lite0")
+    assert probe(net, strong, 1)["total"].mean() > probe(net, weak, 1)["total"].mean()
 
 
 def test_recipe_and_stream_refuse_bad_input():

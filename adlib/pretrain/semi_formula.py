@@ -44,7 +44,8 @@ from ..train import History, StepStream, TrainConfig, train
 from .centering import _trainable_prefixes
 
 __all__ = ["SemiFormulaRecipe", "SemiFormulaStream", "SemiFormulaNet", "SemiFormulaRun", "pretrain_semi_formula",
-           "patch_changes", "separation_loss", "ranking_loss", "stream_rate", "LOSSES", "INITS"]
+           "patch_changes", "separation_loss", "ranking_loss", "semi_formula_losses", "stream_rate", "probe",
+           "LOSSES", "INITS"]
 
 LOSSES = ("both", "separation", "ranking")
 INITS = ("imagenet", "scratch")
@@ -130,8 +131,8 @@ class SemiFormulaStream(StepStream):
         device: where the blobs are made (the training device).
 
     A batch is a dict: ``normal`` and ``anomalous`` ``(B, 3, H, W)`` ImageNet-normalized, ``mask``
-    ``(B, 1, H, W)`` in {0, 1} (exactly the changed pixels), ``score`` ``(B,)``, ``index`` ``(B,)``
-    the samples' global numbers.
+    ``(B, 1, H, W)`` in {0, 1} (exactly the changed pixels), ``score`` ``(B,)``, ``peak`` ``(B,)``
+    the largest component amplitude ``|a_k|``, ``index`` ``(B,)`` the samples' global numbers.
     """
 
     def __init__(self, normals: Tensor, recipe: SemiFormulaRecipe, device: str | torch.device | None = None):
@@ -172,9 +173,9 @@ class SemiFormulaStream(StepStream):
         index = global_batch * self.batch_size + torch.arange(self.batch_size)
         normal = self.normals[self._normal_indices(index).to(self.device)]
         generator = torch.Generator(device=self.device).manual_seed(_mix(self.recipe.seed, 2, global_batch))
-        anomalous, mask, _, score = gmm_blobs(normal, generator=generator, **self.recipe.blob_kwargs())
+        anomalous, mask, params, score = gmm_blobs(normal, generator=generator, **self.recipe.blob_kwargs())
         return {"normal": (normal - self.mean) / self.std, "anomalous": (anomalous - self.mean) / self.std,
-                "mask": mask, "score": score, "index": index.to(self.device)}
+                "mask": mask, "score": score, "peak": params.amplitude.abs().amax(1), "index": index.to(self.device)}
 
 
 def stream_rate(stream: SemiFormulaStream, batches: int = 20) -> float:
@@ -304,6 +305,37 @@ def semi_formula_losses(features: dict[int, Tensor], batch: dict[str, Tensor], r
     weights = {"both": (1.0, 1.0), "separation": (1.0, 0.0), "ranking": (0.0, 1.0)}[recipe.losses]
     loss = weights[0] * sums["l_sep"] + weights[1] * sums["l_rank"]
     return {"loss": loss, **{k: v.detach() for k, v in sums.items()}}
+
+
+@torch.no_grad()
+def probe(net: SemiFormulaNet, stream: SemiFormulaStream, batches: int = 8, first_batch: int = 0
+          ) -> dict[str, Tensor]:
+    """How a backbone's patch features react to the stream's anomalies, one row per sample.
+
+    Runs ``batches`` batches of ``stream`` (global numbers ``first_batch`` on; use a stream of
+    held-out normal images or another seed than the training run's) through ``net`` in eval mode.
+    Returns, each ``(batches * batch_size,)`` and averaged over the stages: ``score``, ``peak``
+    (largest ``|a_k|``), ``d_blob`` and ``d_far`` (mean relative patch change inside / far from the
+    blobs, NaN where a stage has no such patch) and ``total`` (``D``, the mean change over all patches).
+    """
+    net.eval()
+    rows: dict[str, list[Tensor]] = {k: [] for k in ("score", "peak", "d_blob", "d_far", "total")}
+    for g in range(first_batch, first_batch + batches):
+        batch = stream.samples(g)
+        features = net.to(stream.device)(torch.cat([batch["normal"], batch["anomalous"]]))
+        per_stage = {k: [] for k in ("d_blob", "d_far", "total")}
+        for f in features.values():
+            normal, anomalous = f.float().chunk(2)
+            d = patch_changes(normal, anomalous)
+            inside, far = _patch_sets(batch["mask"].float(), tuple(d.shape[-2:]))
+            per_stage["d_blob"].append((d * inside).sum((1, 2)) / inside.sum((1, 2)))
+            per_stage["d_far"].append((d * far).sum((1, 2)) / far.sum((1, 2)))
+            per_stage["total"].append(d.flatten(1).mean(1))
+        for k, v in per_stage.items():
+            rows[k].append(torch.stack(v).nanmean(0).cpu())
+        rows["score"].append(batch["score"].cpu())
+        rows["peak"].append(batch["peak"].cpu())
+    return {k: torch.cat(v) for k, v in rows.items()}
 
 
 # ---------------------------------------------------------------------------------------------
