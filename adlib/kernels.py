@@ -832,6 +832,8 @@ def gmm_blobs(images: Tensor, n_components: tuple[int, int] = (1, 4), centre: tu
     if not images.dtype.is_floating_point:
         raise TypeError(f"images must be floating point, got {images.dtype}")
     lo, hi = n_components
+    if not (0 < sigma[0] <= sigma[1] and mask_level > 0):
+        raise ValueError(f"sigma must be (min, max) with 0 < min <= max and mask_level > 0, got {sigma}, {mask_level}")
     if not 1 <= lo <= hi:
         raise ValueError(f"n_components must be (min, max) with 1 <= min <= max, got {n_components}")
     if signs not in ("both", "positive", "negative"):
@@ -874,10 +876,17 @@ def blob_score(params: BlobParams, mask_level: float = 2.0) -> Tensor:
 
 def paint_blobs(images: Tensor, params: BlobParams, mask_level: float = 2.0) -> tuple[Tensor, Tensor, Tensor]:
     """Add given blobs to ``images (B, C, H, W)`` -> (anomalous images, masks ``(B, 1, H, W)``, scores
-    ``(B,)``): :func:`gmm_blobs` with parameters chosen by the caller, e.g. to change one at a time."""
+    ``(B,)``): :func:`gmm_blobs` with parameters chosen by the caller, e.g. to change one at a time.
+    Each image's active components come first; an image with none is returned unchanged."""
     if images.ndim != 4 or params.centre.shape[0] != images.shape[0]:
         raise ValueError(f"images must be (B, C, H, W) with B = {params.centre.shape[0]} parameter rows, "
                          f"got {tuple(images.shape)}")
+    k = params.active.shape[1]
+    prefix = torch.arange(k, device=params.active.device)[None] < params.active.sum(1, keepdim=True)
+    if not torch.equal(params.active, prefix):
+        raise ValueError("the active components of each image must come first (active = [True, ..., False, ...])")
+    if not bool((params.sigma > 0).all()) or mask_level <= 0:
+        raise ValueError("standard deviations and mask_level must be positive")
     out, masks = _paint_blobs(images, params, mask_level)
     return out, masks, blob_score(params, mask_level)
 
@@ -913,6 +922,9 @@ def _paint_blobs(images: Tensor, params: BlobParams, mask_level: float) -> tuple
         chunk_counts = counts[chunk]
         for n in torch.unique(chunk_counts).tolist():
             which = torch.nonzero(chunk_counts == n).squeeze(1)
+            if n == 0:                    # no blob: unchanged image, empty mask
+                field[which], masks[i0 + which] = 0, 0
+                continue
             parts = [t[chunk][which, :n] for t in (params.centre, quadratic, params.amplitude)]
             field[which], inside = _blob_field(*parts, h, w, mask_level)
             masks[i0 + which, 0] = inside.to(masks.dtype)

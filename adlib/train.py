@@ -100,6 +100,12 @@ class History:
     step: dict[str, list[float]] = field(default_factory=dict)
     epoch: dict[str, list[float]] = field(default_factory=dict)
     lr: list[float] = field(default_factory=list)
+    resumed_at: int = 0      # steps restored from a checkpoint (0 for an unbroken run)
+
+    @property
+    def steps_this_session(self) -> int:
+        """Optimizer steps taken by this call of :func:`train` (for rates after a resume)."""
+        return self.steps - self.resumed_at
 
     @property
     def steps(self) -> int:
@@ -168,7 +174,7 @@ class StepStream(IterableDataset):
 
     A subclass sets ``batch_size`` (per process) and implements :meth:`steps_per_epoch` and
     :meth:`batch`. The loop iterates a positioned copy (:meth:`at`) through a ``DataLoader``;
-    with ``workers`` > 0 worker ``w`` of ``W`` makes the steps ``s`` with ``s % W == w``, and
+    with ``workers`` > 0 worker ``w`` of ``W`` makes the steps ``s`` with ``(s - start) % W == w``, and
     the loader's round-robin keeps the order, so the batches do not depend on the worker count.
     """
 
@@ -194,7 +200,7 @@ class StepStream(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         for step in range(start, self.steps_per_epoch(world)):
-            if step % workers == worker:
+            if (step - start) % workers == worker:   # the loader asks worker 0 first, then 1, ...
                 yield self.batch(epoch, step, rank, world)
 
 
@@ -484,7 +490,8 @@ def _restore(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, s
         scaler.load_state_dict(state["scaler"])
     _set_rng_state(state["rng_ranks"][rank] if "rng_ranks" in state else state["rng"], device)
     h = state["history"]
-    return int(state["step"]), History(step=h["step"], epoch=h["epoch"], lr=h["lr"]), state["running"]
+    return (int(state["step"]), History(step=h["step"], epoch=h["epoch"], lr=h["lr"], resumed_at=int(state["step"])),
+            state["running"])
 
 
 def _plain(value: Any) -> Any:

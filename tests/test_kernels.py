@@ -236,10 +236,26 @@ def test_blob_score_grows_with_amplitude_extent_and_count_and_ignores_position()
         kernels.paint_blobs(torch.zeros(2, 3, 8, 8), _one_blob())
 
 
+def test_paint_blobs_refuses_gaps_in_active_and_leaves_blobless_images_alone():
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    two = dict(centre=torch.full((2, 2, 2), 0.5), sigma=torch.full((2, 2, 2), 0.1), angle=torch.zeros(2, 2),
+               amplitude=torch.full((2, 2), 0.3), colour=torch.ones(2, 3))
+    with pytest.raises(ValueError, match="come first"):
+        kernels.paint_blobs(images, kernels.BlobParams(active=torch.tensor([[False, True], [True, False]]), **two))
+    out, masks, score = kernels.paint_blobs(images, kernels.BlobParams(
+        active=torch.tensor([[False, False], [True, False]]), **two))
+    assert torch.equal(out[0], images[0]) and masks[0].sum() == 0 and score[0] == 0   # no blob: unchanged
+    assert masks[1].sum() > 0 and score[1] > 0
+    with pytest.raises(ValueError, match="positive"):
+        kernels.paint_blobs(images, kernels.BlobParams(active=torch.ones(2, 2, dtype=torch.bool),
+                                                       **{**two, "sigma": torch.zeros(2, 2, 2)}))
+
+
 def test_blobs_match_a_per_image_loop():
     images = torch.rand(3, 3, 32, 40)
     out, _, p, score = gmm_blobs(images, colour="gray", generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(out, bench._blobs_loop(images, p), rtol=1e-5, atol=1e-5)   # the plain loop
+    clear = ~bench._blob_rims(p, 32, 40)                             # off the cut-off ellipses' rims
+    torch.testing.assert_close(out * clear, bench._blobs_loop(images, p) * clear, rtol=1e-5, atol=1e-5)
     area = np.pi * 4 * p.sigma[..., 0] * p.sigma[..., 1]                                  # 2-sigma ellipses
     torch.testing.assert_close(score, (p.amplitude.abs() * area * p.active).sum(1), rtol=1e-5, atol=1e-7)
 
@@ -249,7 +265,8 @@ def test_blobs_in_chunks_match_the_loop_and_the_ellipses(monkeypatch):
     images = torch.rand(9, 3, 24, 28, dtype=torch.float64)
     out, masks, p, _ = gmm_blobs(images, generator=torch.Generator().manual_seed(2))
     assert len(p.active.sum(1).unique()) > 1                                  # several component-count groups
-    torch.testing.assert_close(out, bench._blobs_loop(images, p), rtol=1e-5, atol=1e-5)
+    clear = ~bench._blob_rims(p, 24, 28)
+    torch.testing.assert_close(out * clear, bench._blobs_loop(images, p) * clear, rtol=1e-5, atol=1e-5)
     # masks: inside some active component's 2-sigma ellipse, from the rotated coordinates in float64
     ys = ((torch.arange(24, dtype=torch.float64) + 0.5) / 24)[:, None]
     xs = (torch.arange(28, dtype=torch.float64) + 0.5) / 28

@@ -51,6 +51,7 @@ def test_each_normal_image_is_used_once_per_pass():
         assert sorted(used) == [0, 1, 2, 3, 4]
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")   # 3 workers on a 2-core machine: on purpose
 def test_restarted_stream_gives_the_unbroken_streams_batches_with_or_without_workers():
     from torch.utils.data import DataLoader
 
@@ -60,9 +61,11 @@ def test_restarted_stream_gives_the_unbroken_streams_batches_with_or_without_wor
     assert len(unbroken) == 10 and len(restarted) == 6
     for a, b in zip(unbroken[4:], restarted):
         assert torch.equal(a["anomalous"], b["anomalous"]) and torch.equal(a["index"], b["index"])
-    by_workers = list(DataLoader(stream.at(0, 4), batch_size=None, num_workers=2))
-    assert [b["index"].tolist() for b in by_workers] == [b["index"].tolist() for b in restarted]
-    assert all(torch.equal(a["mask"], b["mask"]) for a, b in zip(by_workers, restarted))
+    for start, workers in [(4, 2), (5, 2), (5, 3)]:          # odd restarts: the loader asks worker 0 first
+        by_workers = list(DataLoader(stream.at(0, start), batch_size=None, num_workers=workers))
+        expected = unbroken[start:]
+        assert [b["index"].tolist() for b in by_workers] == [b["index"].tolist() for b in expected]
+        assert all(torch.equal(a["mask"], b["mask"]) for a, b in zip(by_workers, expected))
 
 
 def test_stream_masks_are_exactly_the_changed_pixels_and_scores_positive():
@@ -122,7 +125,9 @@ def test_probe_sees_bigger_changes_inside_blobs_and_for_stronger_blobs():
     stream = SemiFormulaStream(normals, SemiFormulaRecipe(images=64, batch_size=8), "cpu")
     rows = probe(SemiFormulaNet("efficientnet_lite0"), stream, batches=2)
     assert all(len(v) == 16 for v in rows.values())
-    assert (rows["d_blob"].nan_to_num(1e9) > rows["d_far"]).all()             # the blob moves its patches most
+    seen = torch.isfinite(rows["d_blob"]) & torch.isfinite(rows["d_far"])
+    assert seen.sum() >= 12                                                    # most samples have both kinds
+    assert (rows["d_blob"][seen] > rows["d_far"][seen]).all()                 # the blob moves its patches most
     weak, strong = (SemiFormulaStream(normals, SemiFormulaRecipe(images=64, batch_size=8, amplitude=a), "cpu")
                     for a in ((0.05, 0.05), (0.5, 0.5)))
     net = SemiFormulaNet("efficientnet_lite0")
@@ -154,9 +159,12 @@ def test_interrupted_pretraining_resumes_to_the_unbroken_weights(tmp_path):
     pretrain_semi_formula(images, recipe, device="cpu", progress=False, checkpoint_dir=folder, stop_after_steps=2)
     resumed = pretrain_semi_formula(images, recipe, device="cpu", progress=False, checkpoint_dir=folder, resume=True)
     assert unbroken.history.steps == resumed.history.steps == 6
+    assert resumed.history.resumed_at == 2 and resumed.history.steps_this_session == 4
     assert unbroken.history.step["loss"] == resumed.history.step["loss"]
     a, b = unbroken.net.state_dict(), resumed.net.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="images_sha256"):                     # other normal images: refused
+        pretrain_semi_formula(images.flip(-1), recipe, device="cpu", progress=False, checkpoint_dir=folder, resume=True)
     original = SemiFormulaNet("efficientnet_lite0").state_dict()
     assert any(not torch.equal(a[k], v) for k, v in original.items())       # it trained
 
@@ -175,7 +183,7 @@ def test_two_processes_end_with_identical_weights(tmp_path):
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)          # weights and the averaged losses
     assert len(rank0["losses"]) == 4                                     # 32 images / (2 ranks x 4) per step
     ids0, ids1 = (set(load_file(str(tmp_path / f"indices{r}.safetensors"))["indices"].tolist()) for r in (0, 1))
-    assert not ids0 & ids1                                               # each rank trained on its own samples
+    assert len(ids0) == len(ids1) == 16 and not ids0 & ids1             # each rank trained on its own samples
 
 
 def test_cli_under_torchrun_writes_a_backbone_padim_evaluates(synthetic_root, tmp_path):

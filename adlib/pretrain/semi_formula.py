@@ -94,6 +94,10 @@ class SemiFormulaRecipe:
             raise ValueError(f"the ranking loss compares images of a batch: batch_size >= 2, got {self.batch_size}")
         if self.images < 1 or self.margin <= 0 or self.tau <= 0:
             raise ValueError(f"need images >= 1, margin > 0, tau > 0; got {self.images}, {self.margin}, {self.tau}")
+        if not (0 < self.sigma[0] <= self.sigma[1]) or self.mask_level <= 0:
+            raise ValueError(f"need 0 < sigma min <= max and mask_level > 0; got {self.sigma}, {self.mask_level}")
+        if not (1 <= self.components[0] <= self.components[1]):
+            raise ValueError(f"components must be (min, max) with 1 <= min <= max, got {self.components}")
 
     def blob_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of :func:`adlib.kernels.gmm_blobs` this recipe draws with."""
@@ -314,9 +318,11 @@ def probe(net: SemiFormulaNet, stream: SemiFormulaStream, batches: int = 8, firs
 
     Runs ``batches`` batches of ``stream`` (global numbers ``first_batch`` on; use a stream of
     held-out normal images or another seed than the training run's) through ``net`` in eval mode.
-    Returns, each ``(batches * batch_size,)`` and averaged over the stages: ``score``, ``peak``
-    (largest ``|a_k|``), ``d_blob`` and ``d_far`` (mean relative patch change inside / far from the
-    blobs, NaN where a stage has no such patch) and ``total`` (``D``, the mean change over all patches).
+    Returns, each ``(batches * batch_size,)``: ``score``, ``peak`` (largest ``|a_k|``), ``d_blob``
+    and ``d_far`` (mean relative patch change inside / far from the blobs, averaged over the stages
+    that have such patches: a small blob may cover half a patch only at stride 4; NaN when no stage
+    has one) and ``total`` (``D``, the mean change over all patches, averaged over the stages).
+    ``net`` is moved to the stream's device and left in eval mode.
     """
     net.eval()
     rows: dict[str, list[Tensor]] = {k: [] for k in ("score", "peak", "d_blob", "d_far", "total")}
@@ -342,6 +348,13 @@ def probe(net: SemiFormulaNet, stream: SemiFormulaStream, batches: int = 8, firs
 # The run
 # ---------------------------------------------------------------------------------------------
 
+def _content_hash(images: Tensor) -> str:
+    """SHA-256 of the images' bytes: a resume on other normal images is refused, not silently mixed."""
+    import hashlib
+
+    return hashlib.sha256(images.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).hexdigest()
+
+
 @dataclass
 class SemiFormulaRun:
     """What :func:`pretrain_semi_formula` returns: the trained net, the loss record, time and rates."""
@@ -356,8 +369,9 @@ class SemiFormulaRun:
 
     @property
     def train_images_per_s(self) -> float:
-        """Anomalous images a second the whole run trained on (all processes)."""
-        return self.history.steps * self.recipe.batch_size * self.world_size / max(self.seconds, 1e-9)
+        """Anomalous images a second this call trained on (all processes; after a resume, only the
+        steps taken since)."""
+        return self.history.steps_this_session * self.recipe.batch_size * self.world_size / max(self.seconds, 1e-9)
 
     def save(self, path: str | Path, **extra: Any) -> str:
         """Write the pre-trained backbone as a backbone file; returns its SHA-256."""
@@ -402,6 +416,6 @@ def pretrain_semi_formula(images: Tensor, recipe: SemiFormulaRecipe = SemiFormul
                          resume=resume, stop_after_steps=stop_after_steps, workers=workers,
                          desc=f"semi-formula ({recipe.losses}, from {recipe.init})", progress=progress)
     fingerprint = {"recipe": dataclasses.asdict(recipe), "image_shape": list(images.shape[1:]), "data": data_name,
-                   "normal_images": len(images)}
+                   "normal_images": len(images), "images_sha256": _content_hash(images)}
     history = train(net, loss_fn, stream, config, fingerprint=fingerprint)
     return SemiFormulaRun(net.to("cpu").eval(), recipe, history, time.perf_counter() - start, len(images), world, rate)
