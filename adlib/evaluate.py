@@ -101,7 +101,8 @@ def evaluate(detector: Detector, test: MVTecDataset, train: MVTecDataset | Itera
     """Fit ``detector`` on ``train`` (if given), run it over ``test`` and compute every metric.
 
     Returns an :class:`Evaluation` whose ``metrics`` has ``image_auroc``, ``pixel_auroc``,
-    ``aupro``, ``f1_max``, ``fpr95``, ``ap`` (the last three at image level), ``fit_s``,
+    ``aupro``, ``f1_max``, ``fpr95``, ``ap`` (the last three at image level), ``pixel_fpr95``,
+    ``pixel_ap`` (over all pixels), ``fit_s``,
     ``ms_per_image`` (inference, excluding data loading), ``peak_mem_mb`` (see
     :class:`PeakMemory`), ``n_train`` and ``n_test``.
     """
@@ -140,7 +141,7 @@ def evaluate(detector: Detector, test: MVTecDataset, train: MVTecDataset | Itera
 
 
 _ORDER = ("method", "backbone", "category", "device", "image_auroc", "pixel_auroc", "aupro", "f1_max", "fpr95",
-          "ap", "fit_s", "ms_per_image", "peak_mem_mb", "n_train", "n_test")
+          "ap", "pixel_fpr95", "pixel_ap", "fit_s", "ms_per_image", "peak_mem_mb", "n_train", "n_test")
 
 
 def format_table(rows: list[dict[str, Any]] | dict[str, Any]) -> str:

@@ -165,11 +165,17 @@ def fpr_at_tpr(scores: Any, labels: Any, tpr: float = 0.95) -> float:
 
 
 def all_metrics(scores: Any, labels: Any, maps: Any = None, masks: Any = None) -> dict[str, float]:
-    """Image metrics (``image_auroc``, ``f1_max``, ``fpr95``, ``ap``), plus ``pixel_auroc`` and
-    ``aupro`` when maps and masks are given and at least one mask holds a defect."""
+    """Image metrics (``image_auroc``, ``f1_max``, ``fpr95``, ``ap``), plus, when maps and masks are
+    given and at least one mask holds a defect, the pixel metrics ``pixel_auroc``, ``aupro``,
+    ``pixel_fpr95`` and ``pixel_ap`` (FPR95 and AP over all pixels, as dense anomaly detection
+    papers such as DenseHybrid report them)."""
     out = {"image_auroc": auroc(scores, labels), "f1_max": f1_max(scores, labels),
            "fpr95": fpr_at_tpr(scores, labels, 0.95), "ap": average_precision(scores, labels)}
     if maps is not None and masks is not None:
-        out["pixel_auroc"] = pixel_auroc(maps, masks)
+        m, g = _pixel_arrays(maps, masks)
+        m, g = m.ravel(), g.ravel()
+        out["pixel_auroc"] = auroc(m, g)
         out["aupro"] = aupro(maps, masks)
+        out["pixel_fpr95"] = fpr_at_tpr(m, g, 0.95)
+        out["pixel_ap"] = average_precision(m, g)
     return out

@@ -55,6 +55,17 @@ def test_pixel_auroc_matches_sklearn():
     assert metrics.pixel_auroc(maps, masks) == pytest.approx(skm.roc_auc_score(masks.ravel(), maps.ravel()))
 
 
+def test_pixel_fpr95_and_ap_are_the_image_metrics_over_all_pixels():
+    rng = np.random.default_rng(3)
+    masks = (rng.random((4, 12, 12)) > 0.85).astype(np.uint8)
+    maps = rng.random((4, 12, 12)) + masks * 0.4
+    out = metrics.all_metrics(rng.random(4), np.array([0, 1, 0, 1]), maps, masks)
+    assert out["pixel_ap"] == pytest.approx(skm.average_precision_score(masks.ravel(), maps.ravel()))
+    fpr, tpr, _ = skm.roc_curve(masks.ravel(), maps.ravel())
+    assert out["pixel_fpr95"] == pytest.approx(fpr[np.argmax(tpr >= 0.95)])
+    assert out["pixel_auroc"] == pytest.approx(skm.roc_auc_score(masks.ravel(), maps.ravel()))
+
+
 def _brute_force_aupro(maps: np.ndarray, masks: np.ndarray, limit: float) -> float:
     """Threshold at every distinct score, binarize, measure each region's overlap: slow and obvious."""
     regions = []
