@@ -92,7 +92,7 @@ def test_freeze_all_after_a_warm_up_changes_only_the_final_layers(synthetic_root
         snapshots.append({k: v.clone() for k, v in self.head.state_dict().items()})
         real(self)
     monkeypatch.setattr(DenseHybrid, "_set_trainable", snapshot_then_freeze)
-    det = DenseHybrid(**{**TINY, "warmup_epochs": 1, "epochs": 3}).fit([images])
+    det = DenseHybrid(**{**TINY, "freeze": "all", "warmup_epochs": 1, "epochs": 3}).fit([images])
     (warmed,) = snapshots
     assert det.warmup_history.steps > 0 and det.train_history.steps > 0
     final = {id(p) for m in det.head.final_layers() for p in m.parameters()}
@@ -135,7 +135,7 @@ def test_bad_settings_and_inputs_are_refused():
     with pytest.raises(ValueError, match="patch"):
         DenseHybrid(patch="circle")
     with pytest.raises(ValueError, match="warmup_epochs < epochs"):
-        DenseHybrid(epochs=3, warmup_epochs=3)
+        DenseHybrid(freeze="all", epochs=3, warmup_epochs=3)
     assert DenseHybrid(freeze="backbone", epochs=3).epochs == 3             # the warm-up only matters for "all"
     with pytest.raises(ValueError, match="backbone must be one of"):
         DenseHybrid(backbone="resnet50")
@@ -152,16 +152,20 @@ def test_bad_settings_and_inputs_are_refused():
         with pytest.raises(ValueError, match="fetch_deeplab_weights"):
             DenseHybrid(backbone="deeplabv3_resnet50", device="cpu")._backbone_net()
         assert DenseHybrid().resolved_backbone() == "efficientnet_lite0"     # offline: the Lite, said so
+    assert DenseHybrid().resolved_freeze("efficientnet_lite0") == "backbone"   # freeze what was pre-trained
+    assert DenseHybrid().resolved_freeze("deeplabv3_resnet50") == "all"
 
 
 def test_default_densehybrid_on_real_bottle_passes_the_bar(real_root, tmp_path):
-    """The chapter's claim: default settings (freeze all, mask pieces; "auto" is EfficientNet-Lite0
-    offline, named here so that a machine with torchvision's DeepLab weights cached runs the same)
+    """The chapter's claim: default settings (mask pieces; "auto" is EfficientNet-Lite0 offline, named
+    here so that a machine with torchvision's DeepLab weights cached runs the same, and so freeze "backbone")
     reach image and pixel AUROC >= 0.90 on the real bottle test set, with FPR95 and AP reported
     (image level and, as the paper reports them, pixel level)."""
     out = tmp_path / "m.json"
     assert main(["evaluate", "--method", "densehybrid", "--data", str(real_root), "--category", "bottle",
-                 "--device", "cpu", "--set", "backbone=efficientnet_lite0", "--json", str(out)]) == 0
+                 "--device", "cpu", "--set", "backbone=efficientnet_lite0", "--json", str(out), "--save",
+                 str(tmp_path / "dh.safetensors")]) == 0
     row = json.loads(out.read_text())
+    assert load_detector(tmp_path / "dh.safetensors").freeze == "backbone"    # "auto" resolved and saved
     assert row["image_auroc"] >= 0.90 and row["pixel_auroc"] >= 0.90, row
     assert all(0 <= row[k] <= 1 for k in ("fpr95", "ap", "pixel_fpr95", "pixel_ap"))

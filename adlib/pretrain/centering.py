@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from ..backbones import (DEFAULT_BACKBONE, EfficientNetLite, _resnet_stages, build_architecture, concat_stages,
                          input_affine, save_backbone)
 from ..train import History, TrainConfig, train
+from .record import run_record
 
 __all__ = ["CenteringRecipe", "CenteringNet", "CenteringRun", "center_loss", "pretrain_centering"]
 
@@ -218,9 +219,8 @@ class CenteringRun:
     def save(self, path: str | Path, **extra: Any) -> str:
         """Write the fine-tuned backbone (student) as a backbone file; returns its SHA-256. ``extra``
         goes into the recipe metadata (e.g. the category it was trained on)."""
-        recipe = {"method": "centering", **dataclasses.asdict(self.recipe), "steps": self.history.steps,
-                  "train_images": self.train_images, "seconds": round(self.seconds, 1),
-                  "world_size": self.world_size, **extra}
+        recipe = run_record("centering", self.recipe, self.history, self.train_images, self.seconds,
+                            self.world_size, **extra)
         return save_backbone(self.net.student, path, self.net.architecture, recipe)
 
 

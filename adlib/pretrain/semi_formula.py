@@ -42,6 +42,7 @@ from ..kernels import gmm_blobs
 from ..settings import default_device
 from ..train import History, StepStream, TrainConfig, train
 from .centering import _trainable_prefixes
+from .record import run_record
 
 __all__ = ["SemiFormulaRecipe", "SemiFormulaStream", "SemiFormulaNet", "SemiFormulaRun", "pretrain_semi_formula",
            "patch_changes", "separation_loss", "ranking_loss", "semi_formula_losses", "stream_rate", "probe",
@@ -375,9 +376,8 @@ class SemiFormulaRun:
 
     def save(self, path: str | Path, **extra: Any) -> str:
         """Write the pre-trained backbone as a backbone file; returns its SHA-256."""
-        recipe = {"method": "semi_formula", **dataclasses.asdict(self.recipe), "steps": self.history.steps,
-                  "train_images": self.train_images, "seconds": round(self.seconds, 1),
-                  "world_size": self.world_size, **extra}
+        recipe = run_record("semi_formula", self.recipe, self.history, self.train_images, self.seconds,
+                            self.world_size, **extra)
         return save_backbone(self.net.backbone, path, self.net.architecture, recipe)
 
 
