@@ -325,11 +325,11 @@ def probe(net: SemiFormulaNet, stream: SemiFormulaStream, batches: int = 8, firs
     has one) and ``total`` (``D``, the mean change over all patches, averaged over the stages).
     ``net`` is moved to the stream's device and left in eval mode.
     """
-    net.eval()
+    net.to(stream.device).eval()
     rows: dict[str, list[Tensor]] = {k: [] for k in ("score", "peak", "d_blob", "d_far", "total")}
     for g in range(first_batch, first_batch + batches):
         batch = stream.samples(g)
-        features = net.to(stream.device)(torch.cat([batch["normal"], batch["anomalous"]]))
+        features = net(torch.cat([batch["normal"], batch["anomalous"]]))
         per_stage = {k: [] for k in ("d_blob", "d_far", "total")}
         for f in features.values():
             normal, anomalous = f.float().chunk(2)
