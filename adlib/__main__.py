@@ -1,5 +1,11 @@
-"""Command line: ``python -m adlib evaluate|pretrain ...``.
+"""Command line: ``adlib fit|predict|evaluate|pretrain ...`` (or ``python -m adlib ...``).
 
+- ``fit --method NAME (--images FOLDER_OR_FILES... | --data ROOT --category CAT) --out MODEL``: fits
+  on normal images (a plain folder, or an MVTec-layout category's ``train/good``), calibrates a
+  decision threshold on held-out normal images (mean + 3 std of their scores) and writes one model file.
+- ``predict --model MODEL IMAGES_OR_FOLDERS... [--csv FILE] [--heatmaps DIR]``: scores images of any
+  size and bit depth, read as the training images were; writes a CSV (path, score, decision at the
+  model's threshold) and heat-map PNG overlays.
 - ``evaluate --method NAME --data ROOT --category CAT [--backbone NAME_OR_FILE]``: fits on
   ``train/good``, evaluates on ``test/``, prints the metrics table and writes it as JSON.
 - ``pretrain centering --data ROOT --category CAT --out FILE``: fine-tunes a backbone on the
@@ -8,20 +14,28 @@
 - ``pretrain semi_formula --data ROOT --category CAT --images N --out FILE``: pre-trains a backbone
   on N Gaussian-mixture anomalies streamed from the category's normal images (also under torchrun).
 
-Works on any folder in the MVTec AD layout. Bad input ends with one line on stderr and exit code 2.
+Bad input ends with one line on stderr and exit code 2 (``--debug`` shows the traceback); output
+paths are checked before any work starts. Progress bars go to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import json
+import os
 import sys
+import time
+import traceback
 from pathlib import Path
 
+import torch
+from tqdm import tqdm
+
 from . import settings
-from .data import MVTecDataset, find_data_root, load_split
-from .detectors import DETECTORS, get_detector
+from .data import DataError, ImageFiles, MVTecDataset, Preprocessing, find_data_root, list_image_files, load_split, train_batches
+from .detectors import DETECTORS, get_detector, load_detector
 from .evaluate import evaluate, format_table
 from .pretrain import CenteringRecipe, SemiFormulaRecipe, pretrain_centering, pretrain_semi_formula
 from .pretrain.semi_formula import INITS, LOSSES
@@ -36,32 +50,105 @@ def _parse_value(text: str):
         return text
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value}")
+    return value
+
+
+def _common() -> argparse.ArgumentParser:
+    """Options every command has."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
+    return common
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m adlib", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="adlib", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    ev = sub.add_parser("evaluate", help="fit on train/good, evaluate on test/, print and save the metrics")
-    ev.add_argument("--method", required=True, choices=sorted(DETECTORS))
+    _add_fit(sub)
+    _add_predict(sub)
+    ev = sub.add_parser("evaluate", parents=[_common()],
+                        help="fit on train/good, evaluate on test/, print and save the metrics")
+    _add_method_options(ev)
     ev.add_argument("--data", default=None, help="data root in the MVTec AD layout (default: ADLIB_DATA, ...)")
     ev.add_argument("--category", default="bottle")
-    ev.add_argument("--backbone", default=None, metavar="NAME_OR_FILE",
-                    help="backbone name or fine-tuned backbone file (.safetensors), for methods that use one")
-    ev.add_argument("--device", default=None, help="cuda or cpu (default: ADLIB_DEVICE, else automatic)")
-    ev.add_argument("--image-size", type=int, default=256)
-    ev.add_argument("--crop-size", type=int, default=None)
-    ev.add_argument("--limit", type=int, default=None, help="use only the first N images of each folder")
-    ev.add_argument("--batch-size", type=int, default=16)
-    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a hyper-parameter, e.g. --set coreset_ratio=0.01 (repeatable)")
+    _add_reading_options(ev)
+    ev.add_argument("--limit", type=_positive_int, default=None, help="use only the first N images of each folder")
+    ev.add_argument("--missing-masks", choices=["error", "skip"], default="error",
+                    help="defective test images without a mask: stop (default) or leave them out")
     ev.add_argument("--json", type=Path, default=None, help="write the metrics here as JSON")
     ev.add_argument("--save", type=Path, default=None, help="save the fitted detector (safetensors)")
     _add_pretrain(sub)
     return parser
 
 
+def _add_method_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", required=True, choices=sorted(DETECTORS))
+    p.add_argument("--backbone", default=None, metavar="NAME_OR_FILE",
+                   help="backbone name or fine-tuned backbone file (.safetensors), for methods that use one")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: ADLIB_DEVICE, else automatic)")
+    p.add_argument("--batch-size", type=_positive_int, default=16)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a hyper-parameter, e.g. --set coreset_ratio=0.01 (repeatable)")
+    p.add_argument("--memory-mb", type=float, default=None, metavar="MB",
+                   help="memory budget of PatchCore's bank and coreset while fitting (default: ADLIB_MEMORY_MB, "
+                        "else 2048); coreset=exact fails clearly when the bank would not fit it")
+
+
+def _add_reading_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image-size", type=_positive_int, default=256)
+    p.add_argument("--crop-size", type=_positive_int, default=None)
+    p.add_argument("--value-range", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                   help="pixel range of 16-bit, 32-bit and float images (default: by their type)")
+
+
+def _add_fit(sub: argparse._SubParsersAction) -> None:
+    f = sub.add_parser("fit", parents=[_common()], help="fit a detector on normal images, write a model file")
+    _add_method_options(f)
+    source = f.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", nargs="+", metavar="FOLDER_OR_FILE",
+                        help="normal images: folders (their image files) and/or files")
+    source.add_argument("--category", help="an MVTec-layout category under --data: uses its train/good")
+    f.add_argument("--data", default=None, help="data root for --category (default: ADLIB_DATA, ...)")
+    _add_reading_options(f)
+    f.add_argument("--limit", type=_positive_int, default=None, help="use only the first N images")
+    f.add_argument("--holdout", type=_fraction, default=0.1,
+                   help="fraction of the normal images kept out of fit to set the threshold (0: no threshold "
+                        "unless the method sets its own; default %(default)s)")
+    f.add_argument("--seed", type=int, default=0, help="seed of the hold-out split")
+    f.add_argument("--out", type=Path, required=True, help="the model file to write (.safetensors)")
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", parents=[_common()], help="score images with a model file: CSV and heat maps")
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and/or folders of them")
+    p.add_argument("--model", type=Path, required=True, help="a model file written by fit (or evaluate --save)")
+    p.add_argument("--csv", type=Path, default=None, help="write the scores here (default: standard output)")
+    p.add_argument("--heatmaps", type=Path, default=None, metavar="DIR", help="write heat-map overlays here (PNG)")
+    p.add_argument("--threshold", type=float, default=None, help="decide at this score instead of the model's")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: ADLIB_DEVICE, else automatic)")
+    p.add_argument("--batch-size", type=_positive_int, default=16)
+
+
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     pre = sub.add_parser("pretrain", help="fine-tune a backbone for anomaly detection, write a backbone file")
     recipes = pre.add_subparsers(dest="recipe", required=True)
-    c = recipes.add_parser("centering", help="L_class + lambda * L_center on the category's normal images")
+    c = recipes.add_parser("centering", parents=[_common()], help="L_class + lambda * L_center on the category's normal images")
     defaults = CenteringRecipe()
     c.add_argument("--backbone", default=defaults.backbone, help="architecture to start from (ImageNet weights)")
     c.add_argument("--epochs", type=int, default=defaults.epochs)
@@ -83,7 +170,7 @@ def _add_run_options(p: argparse.ArgumentParser, checkpoint_every: int) -> None:
     p.add_argument("--category", default="bottle")
     p.add_argument("--out", type=Path, required=True, help="the backbone file to write (.safetensors)")
     p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--limit", type=int, default=None, help="use only the first N training images")
+    p.add_argument("--limit", type=_positive_int, default=None, help="use only the first N training images")
     p.add_argument("--device", default=None, help="cuda or cpu (default: ADLIB_DEVICE, else automatic)")
     p.add_argument("--checkpoint-dir", type=Path, default=None, help="default: OUT with the suffix .ckpt")
     p.add_argument("--checkpoint-every", type=int, default=checkpoint_every, help="steps between checkpoints")
@@ -91,7 +178,7 @@ def _add_run_options(p: argparse.ArgumentParser, checkpoint_every: int) -> None:
 
 
 def _add_semi_formula(recipes: argparse._SubParsersAction) -> None:
-    s = recipes.add_parser("semi_formula", help="separation + ranking losses on streamed Gaussian-mixture anomalies")
+    s = recipes.add_parser("semi_formula", parents=[_common()], help="separation + ranking losses on streamed Gaussian-mixture anomalies")
     defaults = SemiFormulaRecipe()
     s.add_argument("--images", type=int, default=defaults.images,
                    help="anomalous images to stream, all processes together (default: %(default)s)")
@@ -188,28 +275,89 @@ def run_semi_formula(args: argparse.Namespace) -> dict:
     return summary
 
 
-def run_evaluate(args: argparse.Namespace) -> dict:
+def _hyper(args: argparse.Namespace) -> dict:
+    """``--set``/``--backbone``/``--device`` -> hyper-parameters, each name and type checked."""
     cls = DETECTORS[args.method]
-    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hyper = {}
     for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
-        hyper[key] = _parse_value(value)
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        if key not in fields or key == "device":
+            raise ValueError(f"--set {key}: {args.method} has no such hyper-parameter; it has "
+                             f"{sorted(k for k in fields if k != 'device')}")
+        hyper[key] = _typed(key, text, fields[key].default)
     if args.backbone is not None:
         if "backbone" not in fields:
-            raise SystemExit(f"method {args.method} uses no backbone; drop --backbone")
+            raise ValueError(f"method {args.method} uses no backbone; drop --backbone")
         hyper["backbone"] = args.backbone
-    device = _device(args.device)
+    if args.memory_mb is not None:
+        if "memory_mb" not in fields:
+            raise ValueError(f"method {args.method} has no memory budget; drop --memory-mb")
+        if not args.memory_mb > 0:
+            raise ValueError(f"--memory-mb must be a positive number of MB, got {args.memory_mb}")
+        hyper["memory_mb"] = args.memory_mb
+    _device(args.device)
     if "device" in fields:
         hyper["device"] = args.device
+    elif args.device not in (None, "cpu"):
+        raise ValueError(f"method {args.method} runs on the CPU only; drop --device")
+    return hyper
+
+
+def _typed(key: str, text: str, default):
+    """A ``--set`` value parsed as JSON, refused when its type cannot be the default's."""
+    value = _parse_value(text)
+    kind = type(default)
+    if default is None or default is dataclasses.MISSING:
+        return value
+    ok = (isinstance(value, bool) if kind is bool else
+          isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
+          isinstance(value, int) and not isinstance(value, bool) if kind is int else
+          isinstance(value, list) if kind is tuple else isinstance(value, kind))
+    if not ok:
+        raise ValueError(f"--set {key}={text}: expected a value of type {kind.__name__}, like the default {default!r}")
+    return tuple(value) if kind is tuple else value
+
+
+def _check_output(path: Path | None, flag: str, suffix: str | None = None) -> None:
+    """Refuse an output path that cannot be written, before any work starts."""
+    if path is None:
+        return
+    if suffix and path.suffix != suffix:
+        raise ValueError(f"{flag} must end in {suffix}, got {path}")
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a folder; give a file name")
+    _check_writable_folder(path.parent, flag)
+
+
+def _check_writable_folder(folder: Path, flag: str) -> None:
+    existing = folder.resolve()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{flag}: {existing} is a file, so {folder} cannot be made")
+    if not os.access(existing, os.W_OK):
+        raise ValueError(f"{flag}: cannot write in {existing} (permission denied)")
+
+
+def _preprocessing(args: argparse.Namespace) -> Preprocessing:
+    return Preprocessing(args.image_size, args.crop_size, True, tuple(args.value_range) if args.value_range else None)
+
+
+def run_evaluate(args: argparse.Namespace) -> dict:
+    hyper = _hyper(args)
+    _check_output(args.json, "--json")
+    _check_output(args.save, "--save", ".safetensors")
     detector = get_detector(args.method, **hyper)
+    device = getattr(detector, "_device", "cpu")
     root = find_data_root(args.data)
-    kwargs = dict(root=root, category=args.category, image_size=args.image_size, crop_size=args.crop_size,
-                  limit=args.limit)
+    prep = _preprocessing(args)
+    kwargs = dict(root=root, category=args.category, image_size=prep.image_size, crop_size=prep.crop_size,
+                  value_range=prep.value_range, limit=args.limit)
     train = MVTecDataset(split="train", **kwargs)
-    test = MVTecDataset(split="test", **kwargs)
+    test = MVTecDataset(split="test", missing_masks=args.missing_masks, **kwargs)
     result = evaluate(detector, test, train, batch_size=args.batch_size)
     row = {"method": args.method, "backbone": getattr(detector, "backbone", None) or "none",
            "device": str(device), "category": args.category, **result.metrics}
@@ -218,19 +366,148 @@ def run_evaluate(args: argparse.Namespace) -> dict:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(row, indent=2) + "\n")
     if args.save is not None:
+        args.save.parent.mkdir(parents=True, exist_ok=True)
         detector.save(args.save)
     return row
 
 
+def _training_files(args: argparse.Namespace) -> list[Path]:
+    if args.images:
+        files = list_image_files(args.images)
+    else:
+        dataset = MVTecDataset(find_data_root(args.data), args.category, "train", image_size=args.image_size)
+        files = [entry.image for entry in dataset.entries]
+    return files[: args.limit]
+
+
+def _split_holdout(files: list[Path], fraction: float, seed: int) -> tuple[list[Path], list[Path]]:
+    """Seeded split into (fit, held-out); a threshold needs at least 2 held-out scores and fit 2 images."""
+    if fraction == 0:
+        return files, []
+    n_held = max(2, round(fraction * len(files)))
+    if len(files) - n_held < 2:
+        raise ValueError(f"{len(files)} images are too few to hold out {n_held} for the threshold and fit on "
+                         f"the rest; add images or pass --holdout 0")
+    order = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed)).tolist()
+    held = sorted(order[:n_held])
+    kept = sorted(order[n_held:])
+    return [files[i] for i in kept], [files[i] for i in held]
+
+
+def run_fit(args: argparse.Namespace) -> dict:
+    """``fit``: normal images -> model file with its preprocessing and a calibrated threshold."""
+    hyper = _hyper(args)
+    _check_output(args.out, "--out", ".safetensors")
+    if args.data is not None and args.images:
+        raise ValueError("--data goes with --category; with --images give the folders or files only")
+    prep = _preprocessing(args)
+    fit_files, held_files = _split_holdout(_training_files(args), args.holdout, args.seed)
+    detector = get_detector(args.method, **hyper)
+    start = time.perf_counter()
+    detector.fit(train_batches(ImageFiles(fit_files, prep), args.batch_size))
+    summary = {"method": args.method, "fit_images": len(fit_files), "holdout_images": len(held_files),
+               "image_size": prep.side, "fit_seconds": round(time.perf_counter() - start, 1)}
+    if held_files:
+        scores, _ = detector.predict_files(held_files, args.batch_size)
+        detector.threshold = float(scores.mean() + 3 * scores.std())
+        if len(held_files) < 10:
+            print(f"adlib fit: note: the threshold comes from only {len(held_files)} held-out images, so it is "
+                  f"rough; more normal images or a larger --holdout make it steadier", file=sys.stderr)
+        summary.update(holdout_score_mean=round(float(scores.mean()), 5), holdout_score_max=round(float(scores.max()), 5))
+    summary["threshold"] = detector.threshold
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    detector.save(args.out)
+    summary["out"] = str(args.out)
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+def run_predict(args: argparse.Namespace) -> list[dict]:
+    """``predict``: model file + images -> CSV rows (and heat-map PNGs)."""
+    if not args.model.is_file():
+        raise ValueError(f"--model {args.model}: no such file")
+    _check_output(args.csv, "--csv")
+    if args.heatmaps is not None:
+        if args.heatmaps.exists() and not args.heatmaps.is_dir():
+            raise ValueError(f"--heatmaps {args.heatmaps} is a file; give a folder")
+        _check_writable_folder(args.heatmaps, "--heatmaps")
+    files = list_image_files(args.images)
+    _device(args.device)
+    try:
+        detector = load_detector(args.model, args.device)
+    except Exception as err:   # a file that is not a model: say so in one line
+        if isinstance(err, (ValueError, OSError)) or "safetensors" in type(err).__module__:
+            raise ValueError(f"--model {args.model}: not a readable adlib model file ({err})") from err
+        raise
+    if detector.preprocessing is None:
+        raise ValueError(f"--model {args.model} was fitted on tensors, without a record of how files were read; "
+                         f"refit it with `adlib fit` (or on adlib.data.train_batches)")
+    threshold = args.threshold if args.threshold is not None else detector.threshold
+    rows, maps = [], []
+    for start in tqdm(range(0, len(files), args.batch_size), desc="predict", unit="batch", file=sys.stderr):
+        chunk = files[start:start + args.batch_size]
+        scores, batch_maps = detector.predict_files(chunk, args.batch_size)
+        for path, score in zip(chunk, scores.tolist()):
+            decision = "" if threshold is None else ("anomalous" if score > threshold else "normal")
+            rows.append({"path": str(path), "score": f"{score:.6g}", "decision": decision,
+                         "threshold": "" if threshold is None else f"{threshold:.6g}"})
+        if args.heatmaps is not None:
+            maps.append(batch_maps.half())
+    _write_csv(rows, args.csv)
+    if args.heatmaps is not None:
+        _write_heatmaps(files, detector, torch.cat(maps), threshold, args.heatmaps)
+    return rows
+
+
+def _write_csv(rows: list[dict], path: Path | None) -> None:
+    fields = ["path", "score", "decision", "threshold"]
+    if path is None:
+        writer = csv.DictWriter(sys.stdout, fieldnames=fields, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"adlib predict: {len(rows)} images scored -> {path}", file=sys.stderr)
+
+
+def _write_heatmaps(files: list[Path], detector, maps, threshold: float | None, folder: Path) -> None:
+    """One PNG per image, all on one colour scale: from the lowest map value of this run to the larger
+    of its highest and twice the threshold, so that colour means the same in every file."""
+    from PIL import Image
+
+    from .viz import heatmap_rgb
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vmin = float(maps.min())
+    vmax = max(float(maps.max()), 2 * threshold if threshold is not None else float("-inf"))
+    used: set[str] = set()
+    for path, amap in zip(files, maps):
+        name = f"{path.stem}_heatmap.png"
+        k = 1
+        while name in used:   # two inputs with one name (from two folders): number them
+            k += 1
+            name = f"{path.stem}_{k}_heatmap.png"
+        used.add(name)
+        image = detector.preprocessing.load(path)
+        Image.fromarray(heatmap_rgb(image, amap.float(), vmin, vmax)).save(folder / name)
+    print(f"adlib predict: {len(files)} heat maps -> {folder}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    commands = {"fit": run_fit, "predict": run_predict, "evaluate": run_evaluate, "pretrain": run_pretrain}
     try:
-        if args.command == "evaluate":
-            run_evaluate(args)
-        elif args.command == "pretrain":
-            run_pretrain(args)
-    except (ValueError, OSError, ImportError) as err:   # bad input: one line, not a traceback
-        print(f"adlib {args.command}: error: {err}", file=sys.stderr)
+        commands[args.command](args)
+    except (ValueError, TypeError, KeyError, OSError, ImportError, DataError, RuntimeError) as err:
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        hint = "" if isinstance(err, (ValueError, OSError)) or getattr(args, "debug", False) else " (--debug shows where)"
+        print(f"adlib {args.command}: error: {message}{hint}", file=sys.stderr)
         return 2
     return 0
 

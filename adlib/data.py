@@ -17,6 +17,7 @@ import os
 import shutil
 import tarfile
 import urllib.request
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -39,6 +40,9 @@ __all__ = [
     "make_synthetic",
     "choose_data",
     "DataChoice",
+    "Preprocessing",
+    "ImageFiles",
+    "list_image_files",
     "denormalize",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -49,9 +53,11 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MVTEC_CATEGORIES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
                     "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper")
-MVTEC_URL = ("https://www.mydrive.ch/shares/38536/3830184030e49fe74747669442f0f282/download/"
-             "420938113-1629952094/mvtec_anomaly_detection.tar.xz")
-MVTEC_SHA256 = "cf4313b13603bec67abb49ca959488f7eedce2a9f7795ec54446c649ac98cd3d"
+# MVTec's own download server: one <category>.tar.xz per category below this folder.
+MVTEC_URL = "https://www.mvtec.com/fileadmin/Redaktion/mvtec.com/company/research/datasets/mvtec_anomaly_detection/"
+MVTEC_SHA256: dict[str, str] = {}  # SHA-256 of <category>.tar.xz where known: MVTec publishes none (see download_mvtec)
+MVTEC_PAGE = "https://www.mvtec.com/company/research/datasets/mvtec-ad"
+MVTEC_LICENSE = "CC BY-NC-SA 4.0 (non-commercial use only)"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
@@ -113,27 +119,147 @@ def find_data_root(root: str | os.PathLike | None = None) -> Path:
 # Reading images and masks
 # --------------------------------------------------------------------------------------------
 
-def _read_rgb(path: Path) -> Image.Image:
-    """An image as 3-channel RGB (grayscale, palette and RGBA become RGB); errors name the file."""
+_HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def _read_rgb(path: Path, value_range: tuple[float, float] | None = None) -> Image.Image:
+    """An image file as 8-bit ``RGB`` (grayscale, palette and RGBA become RGB), or, for 16-bit, 32-bit
+    integer and float files, as a one-channel float ``F`` image in [0, 1] (see :func:`_scale_high_bit`:
+    never clipped, never cut to 8 bits). Errors name the file."""
     try:
         with Image.open(path) as img:
             img.load()
+            if img.mode in _HIGH_BIT_MODES:
+                return _scale_high_bit(img, path, value_range)
             if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
                 rgba = img.convert("RGBA")
                 background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
                 return Image.alpha_composite(background, rgba).convert("RGB")
             return img.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise DataError(f"{path}: cannot read image, the file is corrupt or truncated ({err})") from err
+        raise DataError(f"{path}: cannot read image: an unsupported format, or the file is corrupt or "
+                        f"truncated ({err})") from err
+
+
+def _scale_high_bit(img: Image.Image, path: Path, value_range: tuple[float, float] | None) -> Image.Image:
+    """A 16-bit, 32-bit integer or float image -> ``F`` image in [0, 1] by a fixed range, the same for
+    every file (an anomaly may be an intensity: stretching each image to its own min-max would hide it).
+
+    The range is ``value_range`` if given, else the type's: 16-bit 0..65535; 32-bit integers whose values
+    fit 0..65535 (how Pillow opens many 16-bit PNGs) the same; floats 0..1. Values outside the range
+    are refused, never clipped. A 12-bit camera writing 0..4095 into 16-bit files gives dark but exact
+    images; pass ``value_range=(0, 4095)`` to use the whole scale.
+    """
+    pixels = np.asarray(img, dtype=np.float64)
+    low, high = float(pixels.min()), float(pixels.max())
+    if value_range is None:
+        if img.mode == "F":
+            value_range = (0.0, 1.0)
+        elif img.mode == "I" and not (0 <= low and high <= 65535):
+            raise DataError(f"{path}: 32-bit integer image with values in [{low:g}, {high:g}]; say how to "
+                            f"scale it with value_range=(low, high) (CLI: --value-range LOW HIGH)")
+        else:
+            value_range = (0.0, 65535.0)
+    lo, hi = (float(v) for v in value_range)
+    if not hi > lo:
+        raise ValueError(f"value_range must be (low, high) with high > low, got {value_range}")
+    if not np.isfinite(pixels).all():
+        raise DataError(f"{path}: the image contains NaN or infinite values")
+    if low < lo or high > hi:
+        raise DataError(f"{path}: pixel values span [{low:g}, {high:g}], outside the value range "
+                        f"[{lo:g}, {hi:g}] ({img.mode} image); pass value_range=(low, high) covering them "
+                        f"(CLI: --value-range LOW HIGH) instead of having them clipped")
+    return Image.fromarray(((pixels - lo) / (hi - lo)).astype(np.float32))   # 2-D float32: mode F
 
 
 def _read_mask(path: Path) -> Image.Image:
+    """A mask file -> ``L`` image, 255 where any channel is non-zero (0/1, 0/255, 16-bit and colour
+    masks alike: a labelling tool's "1" is as defective as 255)."""
     try:
         with Image.open(path) as img:
             img.load()
-            return img.convert("L")
+            values = np.asarray(img)
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise DataError(f"{path}: cannot read mask, the file is corrupt or truncated ({err})") from err
+    defective = values != 0
+    if defective.ndim == 3:
+        defective = defective.any(-1)
+    return Image.fromarray(defective.astype(np.uint8) * 255)   # 2-D uint8: mode L
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image file becomes a detector's input ``(3, S, S)``; detectors save it, so files of any
+    size and bit depth are read at predict time as the training images were.
+
+    The image is read as RGB (:func:`_read_rgb`: 16-bit, 32-bit and float images by ``value_range``),
+    resized to ``image_size`` (bilinear, antialiased), center-cropped to ``crop_size`` as in
+    PatchCore/PaDiM, and ImageNet-normalized (or left in [0, 1] with ``normalize=False``). ``S`` is
+    ``crop_size`` if given, else ``image_size``. Masks: nearest neighbour, non-zero = defective.
+    """
+
+    image_size: int = 256
+    crop_size: int | None = None
+    normalize: bool = True
+    value_range: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.image_size < 1:
+            raise ValueError(f"image_size must be positive, got {self.image_size}")
+        if self.crop_size is not None and not 1 <= self.crop_size <= self.image_size:
+            raise ValueError(f"crop_size must be in [1, image_size={self.image_size}], got {self.crop_size}")
+        if self.value_range is not None:
+            object.__setattr__(self, "value_range", tuple(float(v) for v in self.value_range))
+            if len(self.value_range) != 2 or not self.value_range[1] > self.value_range[0]:
+                raise ValueError(f"value_range must be (low, high) with high > low, got {self.value_range}")
+
+    @property
+    def side(self) -> int:
+        """Side of the square images it returns."""
+        return self.crop_size or self.image_size
+
+    def read(self, path: str | os.PathLike, mask: str | os.PathLike | None = None) -> tuple[Tensor, Tensor]:
+        """A file (and its mask) -> ``(3, S, S)`` pixels (uint8, or float32 in [0, 1] for high-bit files)
+        and a ``(1, S, S)`` uint8 mask in {0, 1} (zeros without ``mask``); not yet normalized."""
+        path = Path(path)
+        image = _read_rgb(path, self.value_range)
+        mask_img = _read_mask(Path(mask)) if mask is not None else Image.new("L", image.size, 0)
+        if mask_img.size != image.size:
+            raise DataError(f"{mask}: mask size {mask_img.size} differs from its image's {image.size} ({path})")
+        size = (self.image_size, self.image_size)
+        image = image.resize(size, Image.BILINEAR, reducing_gap=None)
+        mask_img = mask_img.resize(size, Image.NEAREST)
+        if self.crop_size is not None:
+            box = _center_crop_box(self.image_size, self.image_size, self.crop_size)
+            image, mask_img = image.crop(box), mask_img.crop(box)
+        if image.mode == "F":   # one float channel: the same for R, G and B
+            pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy())[None].expand(3, -1, -1)
+            pixels = pixels.clamp(0, 1).contiguous()   # only bilinear's rounding can step outside [0, 1]
+        else:
+            pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return pixels, torch.from_numpy((np.asarray(mask_img) > 127).astype(np.uint8))[None]
+
+    def to_input(self, pixels: Tensor) -> Tensor:
+        """``(..., 3, S, S)`` pixels from :meth:`read` -> float32 detector input (normalized if asked)."""
+        image = pixels.float() / 255.0 if pixels.dtype == torch.uint8 else pixels.float()
+        if self.normalize:
+            image = (image - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        return image
+
+    def load(self, path: str | os.PathLike) -> Tensor:
+        """One file -> detector input ``(3, S, S)``."""
+        return self.to_input(self.read(path)[0])
+
+    def load_many(self, paths: list[str | os.PathLike]) -> Tensor:
+        """Files -> ``(N, 3, S, S)``."""
+        return torch.stack([self.load(p) for p in paths])
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Preprocessing":
+        return cls(**values)
 
 
 def _list_images(folder: Path) -> list[Path]:
@@ -165,7 +291,9 @@ class MVTecDataset(Dataset):
 
     Images are resized to ``image_size`` (bilinear, antialiased), then center-cropped to
     ``crop_size`` as in PatchCore/PaDiM; masks are resized with nearest neighbour. Decoded, resized
-    images are cached in memory as uint8 (``cache=False`` to turn off).
+    images are cached in memory as uint8, float32 for 16-bit and float files (``cache=False`` to turn
+    off). How files are read is :attr:`preprocessing` (a :class:`Preprocessing`), which a detector
+    fitted on this dataset keeps.
 
     Args:
         root: data root; default :func:`find_data_root`.
@@ -176,11 +304,14 @@ class MVTecDataset(Dataset):
         normalize: apply ImageNet normalization.
         limit: keep only the first ``limit`` images of each defect folder (small runs).
         missing_masks: ``"error"`` (default) or ``"skip"`` defective test images without a mask.
+        value_range: how 16-bit, 32-bit and float files map to [0, 1] (default: by their type; see
+            :func:`_scale_high_bit`).
     """
 
     def __init__(self, root: str | os.PathLike | None = None, category: str = "bottle", split: Split = "train",
                  image_size: int = 256, crop_size: int | None = None, normalize: bool = True,
-                 limit: int | None = None, missing_masks: str = "error", cache: bool = True):
+                 limit: int | None = None, missing_masks: str = "error", cache: bool = True,
+                 value_range: tuple[float, float] | None = None):
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         if missing_masks not in ("error", "skip"):
@@ -190,6 +321,7 @@ class MVTecDataset(Dataset):
         self.root = find_data_root(root)
         self.category = category
         self.split = split
+        self.preprocessing = Preprocessing(image_size, crop_size, normalize, value_range)
         self.image_size = image_size
         self.crop_size = crop_size
         self.normalize = normalize
@@ -225,7 +357,7 @@ class MVTecDataset(Dataset):
                     if missing_masks == "skip":
                         continue
                     raise DataError(f"{path}: defective test image has no mask at {mask} "
-                                    f"(pass missing_masks='skip' to leave such images out)")
+                                    f"(pass missing_masks='skip', CLI --missing-masks skip, to leave such images out)")
                 entries.append(_Entry(path, mask, defect_dir.name))
         if not entries:
             raise DataError(f"{test}: no test images")
@@ -249,43 +381,71 @@ class MVTecDataset(Dataset):
         """Side of the returned square images."""
         return self.crop_size or self.image_size
 
-    def _load_uint8(self, idx: int) -> tuple[Tensor, Tensor]:
+    def _load_pixels(self, idx: int) -> tuple[Tensor, Tensor]:
         entry = self.entries[idx]
-        image = _read_rgb(entry.image)
-        if entry.mask is not None:
-            mask = _read_mask(entry.mask)
-            if mask.size != image.size:
-                raise DataError(f"{entry.mask}: mask size {mask.size} differs from its image's {image.size} "
-                                f"({entry.image})")
-        else:
-            mask = Image.new("L", image.size, 0)
-        size = (self.image_size, self.image_size)
-        image = image.resize(size, Image.BILINEAR, reducing_gap=None)
-        mask = mask.resize(size, Image.NEAREST)
-        if self.crop_size is not None:
-            box = _center_crop_box(self.image_size, self.image_size, self.crop_size)
-            image, mask = image.crop(box), mask.crop(box)
-        image_t = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
-        mask_t = torch.from_numpy((np.asarray(mask) > 127).astype(np.uint8))[None]
-        return image_t, mask_t
+        return self.preprocessing.read(entry.image, entry.mask)
 
     def __getitem__(self, idx: int) -> dict:
         if self._cache is not None and idx in self._cache:
-            image_u8, mask_u8 = self._cache[idx]
+            pixels, mask = self._cache[idx]
         else:
-            image_u8, mask_u8 = self._load_uint8(idx)
+            pixels, mask = self._load_pixels(idx)
             if self._cache is not None:
-                self._cache[idx] = (image_u8, mask_u8)
-        image = image_u8.float() / 255.0
-        if self.normalize:
-            image = (image - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+                self._cache[idx] = (pixels, mask)
         entry = self.entries[idx]
-        return {"image": image, "mask": mask_u8.float(), "label": int(entry.defect != "good"),
-                "defect": entry.defect, "path": str(entry.image)}
+        return {"image": self.preprocessing.to_input(pixels), "mask": mask.float(),
+                "label": int(entry.defect != "good"), "defect": entry.defect, "path": str(entry.image)}
 
     def __repr__(self) -> str:
         return (f"MVTecDataset(category={self.category!r}, split={self.split!r}, n={len(self)}, "
                 f"side={self.side}, root={display_path(self.root)!r})")
+
+
+class ImageFiles(Dataset):
+    """Image files of normal images (any layout: a folder, a list) read with one :class:`Preprocessing`.
+
+    Items are dicts with ``image`` ``(3, S, S)`` and ``path``, so :func:`train_batches` and
+    ``Detector.fit`` take it like an MVTec AD split (and the detector keeps the preprocessing).
+    """
+
+    def __init__(self, paths: list[str | os.PathLike], preprocessing: Preprocessing | None = None):
+        self.paths = [Path(p) for p in paths]
+        if not self.paths:
+            raise DataError("no image files given")
+        self.preprocessing = preprocessing or Preprocessing()
+
+    @classmethod
+    def from_inputs(cls, inputs: list[str | os.PathLike], preprocessing: Preprocessing | None = None) -> "ImageFiles":
+        """Files and folders (their image files, sorted, not recursive) -> one :class:`ImageFiles`."""
+        return cls(list_image_files(inputs), preprocessing)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, idx: int) -> dict:
+        return {"image": self.preprocessing.load(self.paths[idx]), "path": str(self.paths[idx])}
+
+    def __repr__(self) -> str:
+        return f"ImageFiles(n={len(self)}, side={self.preprocessing.side})"
+
+
+def list_image_files(inputs: list[str | os.PathLike]) -> list[Path]:
+    """Files and folders -> image files: a folder gives its image files (sorted, not recursive), a
+    file is taken as it is. Missing paths and folders without images are errors."""
+    files: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = _list_images(item)
+            if not found:
+                raise DataError(f"{item}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+            files.extend(found)
+        elif item.is_file():
+            files.append(item)
+        else:
+            raise DataError(f"{item}: no such file or folder")
+    if not files:
+        raise DataError("no image files given")
+    return files
 
 
 def load_split(dataset: MVTecDataset) -> tuple[Tensor, Tensor, Tensor]:
@@ -328,8 +488,12 @@ def denormalize(images: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# Downloader: real code for users with internet; tests run it against a local archive.
+# Downloader: one archive per category from MVTec's server; tests run it against a local server.
 # --------------------------------------------------------------------------------------------
+
+_EXTRACTING = ".adlib-extracting"   # in a category folder while download_mvtec extracts into it
+_COMPLETE = ".complete"             # written there once the extraction is done
+
 
 def _sha256(path: Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
@@ -339,31 +503,116 @@ def _sha256(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _fetch(url: str, dest: Path, chunk: int = 1 << 20) -> None:
-    """Download ``url`` to ``dest``, resuming a partial ``dest`` with an HTTP Range request."""
+class _FetchFailed(Exception):
+    """A transfer failed; the message says how (HTTP status, DNS, refused, timeout, connection cut)."""
+
+
+def _reason(err: BaseException) -> str:
+    import socket
+
+    cause = getattr(err, "reason", None) or err
+    text = str(cause) or type(cause).__name__
+    if isinstance(cause, (TimeoutError, socket.timeout)):
+        return f"timed out ({text})"
+    if isinstance(cause, socket.gaierror):
+        return f"the host name could not be resolved, no network or no DNS ({text})"
+    if isinstance(cause, ConnectionRefusedError):
+        return f"the connection was refused ({text})"
+    return text
+
+
+def _fetch(url: str, dest: Path, timeout: float = 60.0, chunk: int = 1 << 20) -> int:
+    """Download ``url`` to ``dest`` with a progress bar on stderr, continuing a partial ``dest`` with an
+    HTTP Range request (a server that ignores it sends everything again, which replaces ``dest``).
+
+    Returns how many bytes of ``dest`` were there before and kept (0: all of it downloaded now).
+    Raises :class:`_FetchFailed` on any network failure, leaving what arrived in ``dest``.
+    """
+    import http.client
+    import sys
+    from urllib.error import HTTPError
+
     from tqdm import tqdm
 
     start = dest.stat().st_size if dest.exists() else 0
-    request = urllib.request.Request(url, headers={"Range": f"bytes={start}-"} if start else {})
-    with urllib.request.urlopen(request) as response:
-        status = getattr(response, "status", None)
-        if start and status != 206:  # server (or file://) ignored the range: skip what we have
-            remaining = start
-            while remaining:
-                got = response.read(min(chunk, remaining))
-                if not got:
+    headers = {"User-Agent": "adlib", **({"Range": f"bytes={start}-"} if start else {})}
+    try:
+        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+    except HTTPError as err:
+        if err.code == 416 and start:   # nothing after `start`: the file is whole (the checks say)
+            return start
+        raise _FetchFailed(f"HTTP error {err.code} ({err.reason})") from err
+    except (OSError, http.client.HTTPException) as err:   # URLError (DNS, refused), timeouts
+        raise _FetchFailed(_reason(err)) from err
+    with response:
+        resumed = (bool(start) and getattr(response, "status", None) == 206
+                   and response.headers.get("Content-Range", "").startswith(f"bytes {start}-"))
+        kept = start if resumed else 0
+        length = response.headers.get("Content-Length", "")
+        total = kept + int(length) if length.isdigit() else None
+        got = kept
+        with open(dest, "ab" if resumed else "wb") as f, tqdm(
+                total=total, initial=kept, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+                desc=f"download {dest.name.removesuffix('.part')}") as bar:
+            while True:
+                try:
+                    block = response.read(chunk)
+                except (OSError, http.client.HTTPException) as err:
+                    raise _FetchFailed(f"the connection broke after {got:,} bytes: {_reason(err)}") from err
+                if not block:
                     break
-                remaining -= len(got)
-        length = response.headers.get("Content-Length")
-        total = start + int(length) if (length and status == 206) else (int(length) if length else None)
-        with open(dest, "ab") as f, tqdm(total=total, initial=start, unit="B", unit_scale=True,
-                                         desc=f"download {dest.name}") as bar:
-            while block := response.read(chunk):
                 f.write(block)
+                got += len(block)
                 bar.update(len(block))
+    if total is not None and got < total:
+        raise _FetchFailed(f"the connection closed after {got:,} of {total:,} bytes")
+    return kept
 
 
-def _safe_members(archive: tarfile.TarFile, target: Path, categories: set[str] | None) -> Iterator[tarfile.TarInfo]:
+def _placement_help(category: str, root: Path) -> str:
+    """Where MVTec AD comes from, its license, and how to put a category in place by hand."""
+    return (f"MVTec AD is published by MVTec Software GmbH at {MVTEC_PAGE} under the {MVTEC_LICENSE} "
+            f"license. To place '{category}' by hand, download it from that page and extract it so that\n"
+            f"    {root}/{category}/train/good/*.png\n"
+            f"    {root}/{category}/test/<defect>/*.png            (<defect> = good for normal images)\n"
+            f"    {root}/{category}/ground_truth/<defect>/*_mask.png\n"
+            f"exist, then set ADLIB_DATA={root} (or pass root=). Or save {category}.tar.xz in {root} and call "
+            f"download_mvtec again: it checks and extracts that file and never deletes it. If MVTec moved its "
+            f"files, set ADLIB_MVTEC_URL to the address of the folder that holds <category>.tar.xz.")
+
+
+def _check_archive(path: Path, category: str) -> None:
+    """Read all of ``path`` (xz's and gzip's own checks catch a corrupt or cut file) and check that it
+    holds only ``<category>/...``, with images in ``<category>/train/good/`` and a ``<category>/test/``."""
+    import lzma
+    import zlib
+
+    names = []
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for member in tar:
+                names.append(member.name)
+                if member.isfile():
+                    stream = tar.extractfile(member)
+                    while stream.read(1 << 20):
+                        pass
+    except (tarfile.TarError, lzma.LZMAError, zlib.error, EOFError, OSError) as err:
+        raise DataError(f"{path}: not a readable tar archive, or a corrupt or truncated one ({err})") from err
+    parts = [Path(name).parts for name in names]
+    if bad := [n for n, p in zip(names, parts) if Path(n).is_absolute() or ".." in p]:
+        raise DataError(f"{path}: archive member {bad[0]!r} would be written outside the data root")
+    tops = sorted({p[0] for p in parts if p and p[0] != "."})
+    has_train = any(p[:3] == (category, "train", "good") and Path(*p).suffix.lower() in IMAGE_SUFFIXES for p in parts)
+    if tops != [category] or not has_train or not any(p[:2] == (category, "test") for p in parts):
+        raise DataError(f"{path}: not an MVTec AD '{category}' archive: expected only {category}/ with images in "
+                        f"{category}/train/good/ and a {category}/test/ folder; its top-level names are "
+                        f"{tops[:5]}{' ...' if len(tops) > 5 else ''}")
+
+
+def _safe_members(archive: tarfile.TarFile, target: Path, categories: set[str] | None,
+                  seen: set[str] | None = None) -> Iterator[tarfile.TarInfo]:
+    """The members to extract: only files and folders, only inside ``target``, only of ``categories``
+    (all if None), not those already extracted. Adds every top-level name to ``seen``."""
     target = target.resolve()
     for member in archive:
         if not (member.isfile() or member.isdir()):
@@ -372,6 +621,8 @@ def _safe_members(archive: tarfile.TarFile, target: Path, categories: set[str] |
         if target not in out.parents and out != target:
             raise DataError(f"archive member {member.name!r} would be written outside {target}")
         top = Path(member.name).parts[0] if Path(member.name).parts else ""
+        if seen is not None and top:
+            seen.add(top)
         if categories is not None and top not in categories:
             continue
         # Resumable extraction: a file already there with the right size was extracted before.
@@ -380,42 +631,147 @@ def _safe_members(archive: tarfile.TarFile, target: Path, categories: set[str] |
         yield member
 
 
-def download_mvtec(root: str | os.PathLike | None = None, categories: list[str] | None = None,
-                   url: str = MVTEC_URL, sha256: str | None = MVTEC_SHA256, keep_archive: bool = False) -> Path:
-    """Download and extract MVTec AD (4.9 GB) into ``root`` (default: the user cache).
+def _unknown_categories(names: list[str], where: str) -> DataError:
+    return DataError(f"{where} has no category {', '.join(map(repr, names))}; the MVTec AD categories are: "
+                     f"{', '.join(MVTEC_CATEGORIES)}")
 
-    Resumable at both steps: a partial archive continues where it stopped (HTTP Range), and
-    extraction skips files already extracted with the right size. The archive's SHA-256 is checked
-    before anything is extracted; a mismatch deletes it and raises. ``categories`` extracts only
-    those. Returns the data root. By downloading you accept the license of MVTec AD
-    (CC BY-NC-SA 4.0, non-commercial use only).
-    """
-    root = Path(root).expanduser() if root is not None else user_cache_root()
-    root.mkdir(parents=True, exist_ok=True)
-    wanted = set(categories) if categories else None
-    if wanted and all((root / c / "train" / "good").is_dir() and (root / c / ".complete").exists() for c in wanted):
-        return root
-    archive = root / Path(urllib.request.urlparse(url).path).name
-    partial = archive.with_name(archive.name + ".part")
-    if not archive.exists():
-        _fetch(url, partial)
-        partial.rename(archive)
-    if sha256 is not None:
-        actual = _sha256(archive)
-        if actual != sha256:
-            archive.unlink()
-            raise DataError(f"{archive}: SHA-256 {actual} does not match the expected {sha256}; "
-                            f"the download was corrupt and has been deleted, call again to retry")
+
+def _category_present(root: Path, category: str) -> bool:
+    """``root/category`` is in place: ``train/good`` is there and no extraction of it was cut short."""
+    return (root / category / "train" / "good").is_dir() and not (root / category / _EXTRACTING).exists()
+
+
+def _set_aside(path: Path, kept: int) -> str:
+    """A rejected download: deleted if this call downloaded all of it, else renamed (never lost)."""
+    if not kept:
+        path.unlink()
+        return f"{path} (downloaded now) has been deleted"
+    n, aside = 0, path.with_name(path.name.removesuffix(".part") + ".rejected")
+    while aside.exists():
+        n += 1
+        aside = path.with_name(path.name.removesuffix(".part") + f".rejected{n}")
+    path.rename(aside)
+    return f"{path} (partly downloaded by an earlier call) has been renamed {aside.name}; delete it yourself"
+
+
+def _foreign(folder: Path) -> bool:
+    """``folder`` exists, not empty, and not from an extraction of download_mvtec's: never written into."""
+    return ((folder.exists() or folder.is_symlink()) and not (folder / _EXTRACTING).exists()
+            and (folder.is_symlink() or not folder.is_dir() or any(folder.iterdir())))
+
+
+def _foreign_error(folder: Path) -> DataError:
+    return DataError(f"{folder}: already exists but holds no {folder.name}/train/good; download_mvtec does not write "
+                     f"into a folder it did not make and left it as it is: move it away, or complete it by hand")
+
+
+def _extract(archive: Path, root: Path, category: str) -> None:
+    """Extract ``category`` from ``archive`` into ``root``, resumably (see :func:`_safe_members`)."""
+    import sys
+
     from tqdm import tqdm
 
+    folder = root / category
+    marker = folder / _EXTRACTING
+    if _foreign(folder):
+        raise _foreign_error(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    marker.touch()
     with tarfile.open(archive) as tar:
-        for member in tqdm(_safe_members(tar, root, wanted), desc="extract", unit="file"):
-            tar.extract(member, root, filter="data") if hasattr(tarfile, "data_filter") else tar.extract(member, root)
-    extracted = wanted or {p.name for p in root.iterdir() if (p / "train").is_dir()}
-    for category in extracted:
-        (root / category / ".complete").touch()
-    if not keep_archive:
-        archive.unlink()
+        for member in tqdm(_safe_members(tar, root, {category}), desc=f"extract {category}", unit=" files",
+                           file=sys.stderr):
+            if hasattr(tarfile, "data_filter"):
+                tar.extract(member, root, filter="data")
+            else:
+                tar.extract(member, root)
+    (folder / _COMPLETE).touch()
+    marker.unlink()
+
+
+def download_mvtec(root: str | os.PathLike | None = None, categories: str | list[str] | None = None,
+                   url: str | None = None, sha256: dict[str, str | None] | None = None, keep_archive: bool = False,
+                   timeout: float = 60.0) -> Path:
+    """Download and extract MVTec AD categories into ``root`` (default: the user cache), one archive
+    per category (``bottle.tar.xz`` is about 150 MB; all 15 together about 4.9 GB). Returns ``root``.
+
+    ``categories``: a name or a list (default: all 15); a name that is not an MVTec AD category is
+    refused before anything is downloaded. A category already in place (``root/<category>/train/good``,
+    however it got there) is not downloaded again.
+
+    Where from: ``url``, else the setting ``ADLIB_MVTEC_URL``, else :data:`MVTEC_URL` (MVTec's own
+    server), is the folder holding ``<category>.tar.xz`` (or a pattern containing ``{category}``).
+
+    Resumable: the download goes to ``<category>.tar.xz.part``, and a call after a cut continues it
+    with an HTTP Range request; extraction skips files already extracted with the right size.
+
+    Checked before it is renamed into place and before anything is extracted: the SHA-256 of each
+    archive where known (``sha256`` maps category -> hex digest and adds to :data:`MVTEC_SHA256`; a
+    value None skips the check). MVTec publishes no per-category checksums and none is known to adlib,
+    so by default what can be verified is: the whole archive decompresses (xz's own CRC checks), it
+    holds only ``<category>/``, with images in ``<category>/train/good/`` and a ``<category>/test/``,
+    and no member would land outside ``root`` (nor links). A rejected download is deleted if this
+    call downloaded all of it, else renamed ``.rejected``, and :class:`DataError` says expected and
+    actual. A ``<category>.tar.xz`` already in ``root`` (saved there by you, or by ``keep_archive``)
+    is checked and extracted, never deleted; one downloaded now is deleted once extracted.
+
+    When the download fails (HTTP error such as 404, DNS, refused, timeout, a cut connection) one
+    :class:`DataError` says why, where the official page is, the license, and how to put the data
+    in place by hand. By downloading you accept MVTec AD's license: CC BY-NC-SA 4.0, non-commercial
+    use only (MVTec Software GmbH, https://www.mvtec.com/company/research/datasets/mvtec-ad).
+    """
+    from adlib.settings import mvtec_url
+
+    root = Path(root).expanduser() if root is not None else user_cache_root()
+    wanted = list(dict.fromkeys([categories] if isinstance(categories, str) else (categories or MVTEC_CATEGORIES)))
+    if unknown := [c for c in wanted if c not in MVTEC_CATEGORIES]:
+        raise _unknown_categories(unknown, "MVTec AD")  # before downloading anything
+    if blocked := [root / c for c in wanted if not _category_present(root, c) and _foreign(root / c)]:
+        raise _foreign_error(blocked[0])  # before downloading anything
+    base = url or mvtec_url() or MVTEC_URL
+    checksums = {**MVTEC_SHA256, **(sha256 or {})}
+    for category in wanted:
+        if _category_present(root, category):
+            continue
+        root.mkdir(parents=True, exist_ok=True)
+        archive = root / f"{category}.tar.xz"
+        expected = (checksums.get(category) or "").lower() or None
+        downloaded = not archive.exists()
+        if downloaded:
+            source = (base.replace("{category}", category) if "{category}" in base
+                      else f"{base.rstrip('/')}/{category}.tar.xz")
+            partial = archive.with_name(archive.name + ".part")
+            try:
+                kept = _fetch(source, partial, timeout)
+            except _FetchFailed as err:
+                size = partial.stat().st_size if partial.exists() else 0
+                resume = (f" The {size:,} bytes received are kept in {partial}; call download_mvtec again to "
+                          f"continue from there." if size else "")
+                raise DataError(f"Could not download MVTec AD '{category}' from {source}: {err}.{resume}\n"
+                                f"{_placement_help(category, root)}") from None
+            if expected and (actual := _sha256(partial)) != expected:
+                raise DataError(f"{source}: SHA-256 mismatch for MVTec AD '{category}': expected {expected}, actual "
+                                f"{actual}; {_set_aside(partial, kept)}. Nothing was extracted; call again to "
+                                f"download afresh.")
+            try:
+                _check_archive(partial, category)
+            except DataError as err:
+                raise DataError(f"{source}: the download is not a valid MVTec AD '{category}' archive ({err}); "
+                                f"{_set_aside(partial, kept)}. Nothing was extracted.\n"
+                                f"{_placement_help(category, root)}") from None
+            partial.rename(archive)
+        else:
+            how = ("This file was already there (adlib did not download it now) and is left as it is: move or "
+                   "delete it yourself to download afresh")
+            if expected and (actual := _sha256(archive)) != expected:
+                raise DataError(f"{archive}: SHA-256 {actual} does not match the expected {expected}. {how}, or pass "
+                                f"sha256={{{category!r}: None}} to extract it unchecked")
+            try:
+                _check_archive(archive, category)
+            except DataError as err:
+                raise DataError(f"{err}. {how}.") from None
+        _extract(archive, root, category)
+        if downloaded and not keep_archive:
+            archive.unlink()
     return root
 
 
@@ -455,6 +811,61 @@ def _synthetic_defect(rng: np.random.Generator, image: np.ndarray, kind: str) ->
     return out, mask
 
 
+SYNTHETIC_MARKER = ".adlib-synthetic.json"
+
+
+def _synthetic_files(n_train: int, n_test_good: int, n_test_defect: int) -> list[str]:
+    """The files :func:`make_synthetic` writes in a category folder, relative to it."""
+    files = [f"train/good/{i:03d}.png" for i in range(n_train)]
+    files += [f"test/good/{i:03d}.png" for i in range(n_test_good)]
+    for kind in ("scratch", "spot"):
+        files += [f"test/{kind}/{i:03d}.png" for i in range(n_test_defect)]
+        files += [f"ground_truth/{kind}/{i:03d}_mask.png" for i in range(n_test_defect)]
+    return files
+
+
+def _clear_own_synthetic(folder: Path) -> None:
+    """Make way for :func:`make_synthetic` in ``folder``, deleting only what it wrote there before.
+
+    A missing or empty folder is fine. A folder is emptied only if it holds the marker file
+    :func:`make_synthetic` writes first, and no file but those the marker lists; otherwise nothing
+    is touched and :class:`DataError` says how to proceed.
+    """
+    import json
+
+    if not folder.exists() and not folder.is_symlink():
+        return
+    how = f"pass another category name, or move or delete {folder} yourself"
+    if folder.is_symlink() or not folder.is_dir():
+        raise DataError(f"{folder}: exists and is not a folder; make_synthetic left it as it is. To proceed, {how}")
+    marker = folder / SYNTHETIC_MARKER
+    if not marker.is_file():
+        if not any(folder.iterdir()):
+            return
+        raise DataError(f"{folder}: already exists and was not made by make_synthetic (it has no {SYNTHETIC_MARKER}); "
+                        f"make_synthetic does not delete folders it did not make and left it as it is. To proceed, {how}")
+    try:
+        own = json.loads(marker.read_text(encoding="utf-8"))["files"]
+        if not (isinstance(own, list) and all(isinstance(f, str) for f in own)):
+            raise TypeError("'files' is not a list of strings")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DataError(f"{marker}: unreadable ({err}); make_synthetic left {folder} as it is. To proceed, {how}") from err
+    own_paths = {marker} | {folder / f for f in own if ".." not in Path(f).parts and not Path(f).is_absolute()}
+    others = sorted(p for p in folder.rglob("*") if (p.is_symlink() or not p.is_dir()) and p not in own_paths)
+    if others:
+        shown = ", ".join(str(p.relative_to(folder)) for p in others[:3]) + (", ..." if len(others) > 3 else "")
+        raise DataError(f"{folder}: made by make_synthetic, but it now also holds {len(others)} file(s) it did not "
+                        f"write ({shown}); nothing was deleted. To proceed, {how}")
+    for path in own_paths - {marker}:
+        path.unlink(missing_ok=True)
+    marker.unlink()
+    for sub in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        try:
+            sub.rmdir()  # only folders left empty
+        except OSError:
+            pass
+
+
 def make_synthetic(root: str | os.PathLike, category: str = "synthetic", n_train: int = 40, n_test_good: int = 10,
                    n_test_defect: int = 10, size: int = 128, seed: int = 0) -> Path:
     """Write a small synthetic category in the MVTec layout; deterministic for a seed, seconds to make.
@@ -462,12 +873,25 @@ def make_synthetic(root: str | os.PathLike, category: str = "synthetic", n_train
     Normal images are ring patterns ("a bottle from above") with jitter and noise; defect types
     ``spot`` (a coloured disc) and ``scratch`` (a thin bright line) come with exact masks. Returns
     the data root (pass it as ``root`` to :class:`MVTecDataset`).
+
+    The category folder gets a marker file, ``.adlib-synthetic.json`` (the parameters and the files
+    written). An existing ``root/category`` is replaced only if it carries that marker and holds
+    nothing else than those files; any other existing, non-empty folder raises :class:`DataError`
+    and is left untouched.
     """
+    import json
+
     root = Path(root)
     rng = np.random.default_rng(seed)
     folder = root / category
-    if folder.exists():
-        shutil.rmtree(folder)
+    _clear_own_synthetic(folder)
+    files = _synthetic_files(n_train, n_test_good, n_test_defect)
+    folder.mkdir(parents=True, exist_ok=True)
+    params = {"category": category, "n_train": n_train, "n_test_good": n_test_good, "n_test_defect": n_test_defect,
+              "size": size, "seed": seed}
+    # Written first, so that a run stopped halfway still leaves a folder make_synthetic may replace.
+    (folder / SYNTHETIC_MARKER).write_text(json.dumps({"made_by": "adlib.data.make_synthetic", "params": params,
+                                                       "files": files}, indent=1) + "\n", encoding="utf-8")
 
     def save(array: np.ndarray, path: Path, mode: str = "RGB") -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -488,28 +912,129 @@ def make_synthetic(root: str | os.PathLike, category: str = "synthetic", n_train
 
 @dataclass(frozen=True)
 class DataChoice:
-    """Which data a notebook or script runs on: ``root``/``category`` and whether it is real."""
+    """Which data a notebook or script runs on: ``root``/``category`` and whether it is real.
+
+    A synthetic stand-in is never silent: ``requested`` names the MVTec AD category it stands in for
+    and ``reason`` why; :meth:`describe`, ``str()``, :meth:`banner` and, in a notebook, the displayed
+    object (``_repr_html_``) all say that every number computed on it differs from the book's text.
+    """
 
     root: Path
     category: str
     real: bool
+    requested: str | None = None
+    reason: str = ""
 
     def describe(self) -> str:
         if self.real:
             return (f"real MVTec AD '{self.category}' from {display_path(self.root)} "
                     f"(CC BY-NC-SA 4.0, MVTec Software GmbH)")
-        return (f"SYNTHETIC stand-in '{self.category}' in {display_path(self.root)}: MVTec AD was not found, so numbers "
-                f"below are not results on real data")
+        return (f"SYNTHETIC STAND-IN '{self.category}' in {display_path(self.root)}, not MVTec AD "
+                f"'{self.requested or self.category}': every number below will differ from the text")
+
+    def _banner_lines(self) -> list[str]:
+        want = self.requested or "bottle"
+        return [f"SYNTHETIC STAND-IN: this is not MVTec AD '{want}'.",
+                "Every number below will differ from the text.",
+                *([f"Why: {self.reason.rstrip('.')}."] if self.reason else []),
+                f"For the real data: choose_data({want!r}, download=True), or place it by hand and set ADLIB_DATA "
+                f"(see adlib.data.download_mvtec). MVTec AD: {MVTEC_PAGE}, license {MVTEC_LICENSE}.",
+                f"Synthetic data used: '{self.category}' in {display_path(self.root)}."]
+
+    def banner(self) -> str:
+        """A plain-text box saying that the data is a synthetic stand-in; empty for real data."""
+        if self.real:
+            return ""
+        import textwrap
+
+        lines = [piece for line in self._banner_lines() for piece in textwrap.wrap(line, 74, break_long_words=True)]
+        rule = "#" * 80
+        return "\n".join([rule, *(f"## {line:<74} ##" for line in lines), rule])
+
+    def _repr_html_(self) -> str:
+        import html
+
+        if self.real:
+            return f"<p>data: {html.escape(self.describe())}</p>"
+        head, *rest = self._banner_lines()
+        body = "".join(f"<div>{html.escape(line)}</div>" for line in rest)
+        return ('<div style="border:4px solid #c00;background:#fee;color:#600;padding:0.6em 1em;margin:0.6em 0">'
+                f'<div style="font-size:1.3em;font-weight:bold">{html.escape(head)}</div>{body}</div>')
+
+    def __str__(self) -> str:
+        return self.describe() if self.real else f"{self.banner()}\n{self.describe()}"
+
+    def show_banner(self) -> None:
+        """Show :meth:`banner` (nothing for real data): an HTML box in a notebook, else text on stdout."""
+        if self.real:
+            return
+        try:
+            from IPython import get_ipython
+
+            shell = get_ipython()
+        except ImportError:
+            shell = None
+        if shell is not None and getattr(shell, "kernel", None) is not None:
+            from IPython.display import display
+
+            display({"text/html": self._repr_html_(), "text/plain": self.banner()}, raw=True)
+        else:
+            print(self.banner(), flush=True)
+
+
+def _download_root(root: str | os.PathLike | None) -> Path:
+    """Where :func:`choose_data` downloads: ``root``, else ``ADLIB_DATA``, else the user cache."""
+    if root is not None:
+        return Path(root).expanduser()
+    env = os.environ.get("ADLIB_DATA")
+    return Path(env).expanduser() if env else user_cache_root()
 
 
 def choose_data(category: str = "bottle", root: str | os.PathLike | None = None,
-                synthetic_root: str | os.PathLike | None = None) -> DataChoice:
-    """Real data for ``category`` when it is there (see :func:`find_data_root`), else a synthetic
-    category made on the fly, so every notebook runs anywhere and says which data it used."""
-    found = find_data_root(root)
-    if (found / category / "train" / "good").is_dir():
-        return DataChoice(found, category, True)
+                synthetic_root: str | os.PathLike | None = None, *, download: bool = False,
+                synthetic: str = "fallback", banner: bool = True) -> DataChoice:
+    """The data to run on: real MVTec AD ``category`` when it can be had, else a synthetic stand-in
+    that never goes unannounced.
+
+    1. Real data already there is used: under :func:`find_data_root` (``root``, ``ADLIB_DATA``,
+       ``../shared/data/mvtec_ad``), or, without ``root`` and ``ADLIB_DATA``, the user cache.
+    2. Else, with ``download=True``, :func:`download_mvtec` fetches this one category (bottle: about
+       150 MB) into ``root``, else ``ADLIB_DATA``, else the user cache.
+    3. Else ``synthetic`` decides: ``"fallback"`` (default) makes a synthetic category (in
+       ``synthetic_root``, default ``~/.cache/adlib/synthetic``) and shows a banner, an HTML box in a
+       notebook and a text box on stdout elsewhere, saying it is not MVTec AD and every number differs
+       from the text; ``"never"`` raises :class:`DataError` (with the download error, if any, and how to
+       place the data); ``"always"`` uses the synthetic set even where real data exists (banner too).
+
+    ``banner=False`` only stops the banner being shown now; the returned :class:`DataChoice` still
+    says what it is (``describe()``, ``str()``, ``real``).
+    """
+    if synthetic not in ("fallback", "never", "always"):
+        raise ValueError(f"synthetic must be 'fallback', 'never' or 'always', got {synthetic!r}")
+    if synthetic == "always":
+        reason = "synthetic='always' was asked for"
+    else:
+        found = find_data_root(root)
+        places = [found] + ([user_cache_root()] if root is None and not os.environ.get("ADLIB_DATA") else [])
+        for place in dict.fromkeys(places):
+            if (place / category / "train" / "good").is_dir():
+                return DataChoice(place, category, True, category)
+        reason = (f"MVTec AD '{category}' was not found under "
+                  f"{' or '.join(display_path(p) for p in dict.fromkeys(places))}")
+        if download:
+            try:
+                return DataChoice(download_mvtec(_download_root(root), [category]), category, True, category)
+            except DataError as err:
+                if synthetic == "never":
+                    raise
+                reason += f", and downloading it failed: {str(err).splitlines()[0]}"
+        elif synthetic == "never":
+            raise DataError(f"{reason}, and synthetic='never' refuses a stand-in. Pass download=True to download "
+                            f"it, or place it by hand.\n{_placement_help(category, _download_root(root))}")
     synthetic_root = Path(synthetic_root) if synthetic_root else user_cache_root().parent / "synthetic"
     if not (synthetic_root / "synthetic" / "train" / "good").is_dir():
         make_synthetic(synthetic_root, size=256, n_train=60, n_test_good=15, n_test_defect=15)
-    return DataChoice(synthetic_root, "synthetic", False)
+    choice = DataChoice(synthetic_root, "synthetic", False, category, reason)
+    if banner:
+        choice.show_banner()
+    return choice

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
-import resource
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -21,12 +22,56 @@ __all__ = ["Evaluation", "evaluate", "PeakMemory", "format_table"]
 
 
 def _rss_mb() -> float:
-    """Resident set size of this process now, in MB (Linux /proc; elsewhere the lifetime peak)."""
+    """Resident set size of this process in MB: now on Linux (``/proc``); the lifetime peak on other
+    POSIX systems (``getrusage``); now on Windows (``psutil`` if installed, else the Win32 call
+    ``GetProcessMemoryInfo``); NaN where none of these can be had (unknown, not zero)."""
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    except (OSError, ValueError, AttributeError):  # no /proc; os.sysconf does not exist on Windows
+        pass
+    try:
+        import resource  # POSIX only: importing it at the top made `import adlib` fail on Windows
+    except ImportError:
+        resource = None
+    if resource is not None:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB elsewhere
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        return psutil.Process().memory_info().rss / 2**20
+    if sys.platform == "win32":
+        try:
+            return _windows_working_set_mb()
+        except (OSError, AttributeError):
+            pass
+    return math.nan
+
+
+def _windows_working_set_mb() -> float:
+    """The working set (resident memory) of this process, from ``psapi.GetProcessMemoryInfo``."""
+    import ctypes
+    from ctypes import wintypes
+
+    class Counters(ctypes.Structure):  # PROCESS_MEMORY_COUNTERS
+        _fields_ = [("cb", wintypes.DWORD), ("PageFaultCount", wintypes.DWORD),
+                    ("PeakWorkingSetSize", ctypes.c_size_t), ("WorkingSetSize", ctypes.c_size_t),
+                    ("QuotaPeakPagedPoolUsage", ctypes.c_size_t), ("QuotaPagedPoolUsage", ctypes.c_size_t),
+                    ("QuotaPeakNonPagedPoolUsage", ctypes.c_size_t), ("QuotaNonPagedPoolUsage", ctypes.c_size_t),
+                    ("PagefileUsage", ctypes.c_size_t), ("PeakPagefileUsage", ctypes.c_size_t)]
+
+    kernel32, psapi = ctypes.WinDLL("kernel32"), ctypes.WinDLL("psapi")
+    kernel32.GetCurrentProcess.restype = wintypes.HANDLE
+    psapi.GetProcessMemoryInfo.argtypes = [wintypes.HANDLE, ctypes.POINTER(Counters), wintypes.DWORD]
+    psapi.GetProcessMemoryInfo.restype = wintypes.BOOL
+    counters = Counters()
+    counters.cb = ctypes.sizeof(Counters)
+    if not psapi.GetProcessMemoryInfo(kernel32.GetCurrentProcess(), ctypes.byref(counters), counters.cb):
+        raise OSError("GetProcessMemoryInfo failed")
+    return counters.WorkingSetSize / 2**20
 
 
 class PeakMemory:

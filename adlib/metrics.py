@@ -18,6 +18,14 @@ __all__ = ["roc_curve", "auroc", "pixel_auroc", "aupro", "pro_curve", "precision
            "fpr_at_tpr", "average_precision", "all_metrics"]
 
 
+def _trapezoid(y: Any, x: Any) -> float:
+    """Trapezoidal integral of ``y`` over ``x``: ``np.trapezoid`` (NumPy >= 2.0), else ``np.trapz``
+    (NumPy 1.x, deprecated in 2.0), so every NumPy that pyproject.toml allows works. The only place
+    in adlib that may name either function (tests/test_metrics.py checks)."""
+    integrate = getattr(np, "trapezoid", None) or np.trapz
+    return float(integrate(y, x))
+
+
 def _as_numpy(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):
         x = x.detach().to("cpu")
@@ -65,7 +73,7 @@ def roc_curve(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray, np.ndar
 def auroc(scores: Any, labels: Any) -> float:
     """Area under the ROC curve: the chance that an anomaly scores above a normal (ties count half)."""
     fpr, tpr, _ = roc_curve(scores, labels)
-    return float(np.trapezoid(tpr, fpr))
+    return _trapezoid(tpr, fpr)
 
 
 def pixel_auroc(maps: Any, masks: Any) -> float:
@@ -135,7 +143,7 @@ def aupro(maps: Any, masks: Any, fpr_limit: float = 0.3) -> float:
         t = (fpr_limit - fpr[j - 1]) / (fpr[j] - fpr[j - 1])
         x = np.r_[x, fpr_limit]
         y = np.r_[y, pro[j - 1] + t * (pro[j] - pro[j - 1])]
-    return float(np.trapezoid(y, x) / fpr_limit)
+    return _trapezoid(y, x) / fpr_limit
 
 
 def precision_recall_curve(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

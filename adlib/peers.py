@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from .backbones import DEFAULT_BACKBONE, load_efficientnet_lite
 from .data import MVTecDataset, user_cache_root
-from .detectors.base import Detector, check_images, get_detector
+from .detectors.base import Detector, get_detector
 from .evaluate import evaluate
 from .settings import default_device
 
@@ -114,9 +114,7 @@ class _AnomalibDetector(Detector):
             torch.manual_seed(self.seed)  # anomalib draws PaDiM's channels and the coreset start from it
             return self._build().to(self._device)
 
-    @torch.no_grad()
-    def predict(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        check_images(images)
+    def _predict(self, images: Tensor) -> tuple[Tensor, Tensor]:
         if self.model is None:
             raise RuntimeError(f"{type(self).__name__} is not fitted: call fit() first")
         self.model.eval()
@@ -148,13 +146,12 @@ class AnomalibPatchCore(_AnomalibDetector):
         return PatchcoreModel(layers=list(self.layers), backbone=timm_name(self.backbone), pre_trained=True,
                               num_neighbors=self.num_neighbors)
 
-    def fit(self, train: Iterable[Tensor]) -> "AnomalibPatchCore":
+    def _fit(self, train: Iterable[Tensor]) -> None:
         self.model = self._new_model()
         self.model.train()
         for batch in tqdm(train, desc="anomalib patchcore features", leave=False):
             self.model(batch.to(self._device))
         self.model.subsample_embedding(self.coreset_ratio)  # anomalib's KCenterGreedy
-        return self
 
 
 @dataclass(eq=False)
@@ -174,13 +171,12 @@ class AnomalibPaDiM(_AnomalibDetector):
         return PadimModel(backbone=timm_name(self.backbone), layers=list(self.layers), pre_trained=True,
                           n_features=self.n_features)
 
-    def fit(self, train: Iterable[Tensor]) -> "AnomalibPaDiM":
+    def _fit(self, train: Iterable[Tensor]) -> None:
         self.model = self._new_model()
         self.model.train()
         for batch in tqdm(train, desc="anomalib padim features", leave=False):
             self.model(batch.to(self._device))
         self.model.fit()  # anomalib's MultiVariateGaussian over all stored embeddings
-        return self
 
 
 def compare_methods(category: str = "bottle", root: str | os.PathLike | None = None, image_size: int = 256,

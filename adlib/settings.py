@@ -1,9 +1,15 @@
-"""The three settings adlib reads from the environment, each with a default.
+"""The settings adlib reads from the environment, each with a default.
 
 - ``ADLIB_DATA``: the data root (see :func:`adlib.data.find_data_root`).
 - ``ADLIB_SMALL=1``: the small configuration used by tests and nbval (fewer images, epochs and
   pixels; the same code paths).
 - ``ADLIB_DEVICE``: ``cuda``, ``cpu`` or unset (automatic: CUDA when available).
+- ``ADLIB_MVTEC_URL``: where :func:`adlib.data.download_mvtec` fetches MVTec AD's per-category archives
+  (the folder holding ``<category>.tar.xz``; default :data:`adlib.data.MVTEC_URL`, MVTec's server).
+- ``ADLIB_NO_CTYPES=1``: the kernels never call SciPy's BLAS/LAPACK through ctypes, only torch
+  (see :func:`adlib.kernels.lapack_available`; same results, other speed).
+- ``ADLIB_MEMORY_MB``: the memory budget, in MB, of PatchCore's memory bank and coreset (default
+  2048; see :func:`memory_budget_mb`, the ``memory_mb`` hyper-parameter and ``--memory-mb``).
 """
 
 from __future__ import annotations
@@ -12,7 +18,9 @@ import os
 
 import torch
 
-__all__ = ["is_small", "default_device", "pick"]
+__all__ = ["is_small", "default_device", "pick", "ctypes_disabled", "mvtec_url", "memory_budget_mb"]
+
+DEFAULT_MEMORY_MB = 2048.0
 
 
 def is_small() -> bool:
@@ -34,3 +42,30 @@ def default_device(device: str | torch.device | None = None) -> torch.device:
 def pick(full, small):
     """``small`` in the small configuration, else ``full``: sizes change, code paths do not."""
     return small if is_small() else full
+
+
+def ctypes_disabled() -> bool:
+    """True when ``ADLIB_NO_CTYPES`` is set to a true value: the kernels' torch paths only."""
+    return os.environ.get("ADLIB_NO_CTYPES", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def mvtec_url() -> str | None:
+    """``ADLIB_MVTEC_URL``: the folder holding MVTec AD's ``<category>.tar.xz`` (a mirror, or a test
+    server), or a pattern containing ``{category}``; None when unset (MVTec's own server)."""
+    return os.environ.get("ADLIB_MVTEC_URL", "").strip() or None
+
+
+def memory_budget_mb() -> float:
+    """``ADLIB_MEMORY_MB`` (a positive number of MB), else :data:`DEFAULT_MEMORY_MB`: the bound on
+    the memory PatchCore's bank and coreset may hold while fitting (see
+    :class:`adlib.kernels.CoresetStream`)."""
+    text = os.environ.get("ADLIB_MEMORY_MB", "").strip()
+    if not text:
+        return DEFAULT_MEMORY_MB
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"ADLIB_MEMORY_MB must be a number of MB, got {text!r}") from None
+    if not value > 0:
+        raise ValueError(f"ADLIB_MEMORY_MB must be positive, got {text!r}")
+    return value

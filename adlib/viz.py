@@ -14,7 +14,7 @@ from torch import Tensor
 from . import metrics
 from .data import denormalize
 
-__all__ = ["use_style", "show_image", "overlay", "plot_roc", "plot_score_histogram", "example_grid",
+__all__ = ["use_style", "show_image", "overlay", "heatmap_rgb", "plot_roc", "plot_score_histogram", "example_grid",
            "failure_grid", "NORMAL_COLOR", "ANOMALY_COLOR"]
 
 NORMAL_COLOR = "#2b83ba"
@@ -68,6 +68,20 @@ def overlay(ax: plt.Axes, image: Tensor, anomaly_map: Tensor | np.ndarray, mask:
         if m.max() > 0:
             ax.contour(m, levels=[0.5], colors="cyan", linewidths=1.0)
     return art
+
+
+def heatmap_rgb(image: Tensor, anomaly_map: Tensor | np.ndarray, vmin: float, vmax: float,
+                alpha: float = 0.5) -> np.ndarray:
+    """The overlay as an ``(H, W, 3)`` uint8 array for a PNG file (no figure): the image ``(3, H, W)``
+    (ImageNet-normalized), the map ``(H, W)`` coloured on one fixed ``[vmin, vmax]`` scale and blended
+    where it is above ``vmin``."""
+    from matplotlib import colormaps
+
+    rgb = _to_numpy_image(image)
+    level = np.clip((_np2d(anomaly_map) - vmin) / max(vmax - vmin, 1e-12), 0.0, 1.0)
+    colour = colormaps[MAP_CMAP](level)[..., :3]
+    weight = alpha * (level > 0)[..., None]
+    return np.round(255 * ((1 - weight) * rgb + weight * colour)).astype(np.uint8)
 
 
 def plot_roc(results: dict[str, tuple[Any, Any]], ax: plt.Axes | None = None, title: str = "ROC") -> plt.Figure:

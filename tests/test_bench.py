@@ -57,3 +57,26 @@ def test_approximate_greedy_peer_returns_distinct_points():
     assert chosen.unique().numel() == 60
     first_60 = torch.arange(60)                                                   # an arbitrary subset
     assert bench._coverage_radius(x, chosen) < 0.8 * bench._coverage_radius(x, first_60)
+
+
+@pytest.mark.parametrize("kind", ["clustered", "unclustered"])
+def test_coreset_rows_compare_the_exact_greedy_with_its_peers(kind, monkeypatch):
+    rows = bench.bench_coreset(3000, 24, kind, 40, torch.device("cpu"))
+    plain = rows[0]
+    assert plain["peer"] == "plain greedy loop" and plain["max_rel_err"] == 0.0    # the same selection
+    assert plain["speedup"] == pytest.approx(plain["peer_s"] / plain["adlib_s"])
+    assert any("not installed" in r["peer"] or "anomalib" in r["peer"] for r in rows)
+    monkeypatch.setattr(bench, "PEER_FULL_WORK", 0)            # too large to run in full: scaled steps
+    monkeypatch.setattr(bench, "CORESET_STEPS", 10)
+    scaled = bench.bench_coreset(3000, 24, kind, 40, torch.device("cpu"))[0]
+    assert scaled["peer"] == "plain greedy loop (time of 10 steps x 4)" and scaled["max_rel_err"] is None
+
+
+def test_chunked_coreset_row_reports_time_and_radius_against_exact(capsys):
+    (row,) = bench.bench_chunked_coreset(8000, 24, "clustered", 0.1, 4000, True, torch.device("cpu"))
+    assert row["kernel"].startswith("coreset chunked (4000-row chunks") and row["peer"] == "exact greedy (adlib)"
+    assert row["speedup"] == pytest.approx(row["peer_s"] / row["adlib_s"])
+    assert abs(row["max_rel_err"]) < 0.15                       # within the 1.15x bar (original space)
+    assert "(projected space)" in capsys.readouterr().out
+    (alone,) = bench.bench_chunked_coreset(8000, 24, "unclustered", 0.1, 2000, False, torch.device("cpu"))
+    assert alone["adlib_s"] > 0 and alone["peer_s"] is None and "not run" in alone["peer"]

@@ -1,10 +1,7 @@
-"""adlib.data: the real MVTec layout, transforms, bad input, data-root lookup, downloader, synthetic set."""
+"""adlib.data: the real MVTec layout, transforms, bad input, data-root lookup, synthetic set, choose_data."""
 
 from __future__ import annotations
 
-import hashlib
-import io
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -140,50 +137,99 @@ def test_synthetic_is_deterministic_and_loadable(tmp_path):
     assert masks[labels == 0].sum() == 0
 
 
-def _tar_of(folder: Path, out: Path) -> str:
-    with tarfile.open(out, "w:xz") as tar:
-        tar.add(folder, arcname=folder.name)
-    return hashlib.sha256(out.read_bytes()).hexdigest()
+def test_synthetic_never_deletes_a_folder_it_did_not_make(tmp_path):
+    folder = tmp_path / "synthetic"
+    (folder / "train" / "good").mkdir(parents=True)
+    (folder / "notes.txt").write_text("my own work")
+    (folder / "train" / "good" / "mine.png").write_bytes(b"precious")
+    with pytest.raises(DataError, match=r"synthetic: already exists and was not made by make_synthetic.*"
+                                        r"another category name, or move or delete"):
+        make_synthetic(tmp_path, n_train=2, n_test_good=1, n_test_defect=1, size=16)
+    assert (folder / "notes.txt").read_text() == "my own work"
+    assert sorted(p.name for p in folder.rglob("*")) == ["good", "mine.png", "notes.txt", "train"]
 
 
-def test_download_verifies_checksum_and_extracts(tmp_path):
-    make_synthetic(tmp_path / "src", category="widget", n_train=2, n_test_good=1, n_test_defect=1, size=32)
-    archive = tmp_path / "mvtec_anomaly_detection.tar.xz"
-    digest = _tar_of(tmp_path / "src" / "widget", archive)
-    root = data.download_mvtec(tmp_path / "dest", url=archive.as_uri(), sha256=digest)
-    ds = MVTecDataset(root, "widget", "test")
-    assert len(ds) == 3 and (root / "widget" / ".complete").exists()
-    assert not (root / archive.name).exists()  # archive removed after extraction
+def test_synthetic_replaces_its_own_output_but_not_files_added_to_it(tmp_path):
+    import json
+
+    make_synthetic(tmp_path, n_train=3, n_test_good=1, n_test_defect=1, size=16)
+    marker = json.loads((tmp_path / "synthetic" / data.SYNTHETIC_MARKER).read_text())
+    assert marker["params"]["n_train"] == 3 and "train/good/002.png" in marker["files"]
+    make_synthetic(tmp_path, n_train=2, n_test_good=1, n_test_defect=1, size=16, seed=1)  # its own: replaced
+    assert len(MVTecDataset(tmp_path, "synthetic", "train")) == 2
+    extra = tmp_path / "synthetic" / "test" / "good" / "added_by_user.png"
+    extra.write_bytes(b"keep me")
+    before = sorted(p for p in (tmp_path / "synthetic").rglob("*"))
+    with pytest.raises(DataError, match=r"also holds 1 file\(s\) it did not write \(test/good/added_by_user.png\)"):
+        make_synthetic(tmp_path, n_train=2, n_test_good=1, n_test_defect=1, size=16)
+    assert extra.read_bytes() == b"keep me" and sorted((tmp_path / "synthetic").rglob("*")) == before
+    (tmp_path / "empty").mkdir()  # an empty folder holds nothing to lose: used
+    make_synthetic(tmp_path, "empty", n_train=1, n_test_good=1, n_test_defect=1, size=16)
+    assert len(MVTecDataset(tmp_path, "empty", "train")) == 1
 
 
-def test_download_resumes_partial_file(tmp_path):
-    make_synthetic(tmp_path / "src", category="widget", n_train=2, n_test_good=1, n_test_defect=1, size=32)
-    archive = tmp_path / "mvtec_anomaly_detection.tar.xz"
-    digest = _tar_of(tmp_path / "src" / "widget", archive)
-    dest = tmp_path / "dest"
-    dest.mkdir()
-    content = archive.read_bytes()
-    (dest / (archive.name + ".part")).write_bytes(content[: len(content) // 3])
-    data.download_mvtec(dest, url=archive.as_uri(), sha256=digest, keep_archive=True)
-    assert (dest / archive.name).read_bytes() == content
+# The downloader's tests (a local HTTP server) are in test_download.py.
 
 
-def test_download_checksum_mismatch_deletes_and_raises(tmp_path):
-    make_synthetic(tmp_path / "src", category="widget", n_train=2, n_test_good=1, n_test_defect=1, size=32)
-    archive = tmp_path / "mvtec_anomaly_detection.tar.xz"
-    _tar_of(tmp_path / "src" / "widget", archive)
-    with pytest.raises(DataError, match="does not match the expected"):
-        data.download_mvtec(tmp_path / "dest", url=archive.as_uri(), sha256="0" * 64)
-    assert not (tmp_path / "dest" / archive.name).exists()
-    assert not (tmp_path / "dest" / "widget").exists()
+@pytest.fixture
+def no_real_data(tmp_path, monkeypatch):
+    """No MVTec AD anywhere: ADLIB_DATA and the user cache point at empty folders."""
+    monkeypatch.setenv("ADLIB_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "data"
 
 
-def test_archive_member_outside_root_is_refused(tmp_path):
-    archive = tmp_path / "evil.tar"
-    with tarfile.open(archive, "w") as tar:
-        info = tarfile.TarInfo("../escape.txt")
-        info.size = 3
-        tar.addfile(info, io.BytesIO(b"bad"))
-    with pytest.raises(DataError, match="outside"):
-        data.download_mvtec(tmp_path / "dest", url=archive.as_uri(), sha256=None)
-    assert not (tmp_path / "escape.txt").exists()
+def test_choose_data_uses_real_data_without_a_banner(tmp_path, monkeypatch, capsys):
+    _write_category(tmp_path / "data", "bottle")
+    monkeypatch.setenv("ADLIB_DATA", str(tmp_path / "data"))
+    choice = data.choose_data("bottle", synthetic_root=tmp_path / "syn")
+    assert choice.real and choice.root == tmp_path / "data" and choice.category == "bottle"
+    assert capsys.readouterr().out == "" and choice.banner() == "" and "SYNTHETIC" not in str(choice)
+    assert not (tmp_path / "syn").exists()
+
+
+def test_choose_data_stand_in_is_never_silent(tmp_path, no_real_data, capsys):
+    choice = data.choose_data("bottle", synthetic_root=tmp_path / "syn")
+    assert not choice.real and choice.category == "synthetic" and choice.requested == "bottle"
+    shown = capsys.readouterr().out
+    assert "SYNTHETIC STAND-IN: this is not MVTec AD 'bottle'" in shown
+    assert "Every number below will differ from the text" in shown and "not found" in shown
+    assert "download=True" in shown and "ADLIB_DATA" in shown
+    assert "SYNTHETIC STAND-IN" in choice.describe() and "SYNTHETIC STAND-IN" in str(choice)
+    assert "SYNTHETIC STAND-IN" in choice._repr_html_()
+    assert len(MVTecDataset(choice.root, choice.category, "train", limit=2)) == 2
+    assert all(len(line) == 80 for line in choice.banner().splitlines())
+    data.choose_data("bottle", synthetic_root=tmp_path / "syn", banner=False)  # made once; banner=False: quiet
+    assert capsys.readouterr().out == ""
+
+
+def test_choose_data_banner_is_html_in_a_notebook(tmp_path, no_real_data, monkeypatch, capsys):
+    import types
+
+    import IPython
+    import IPython.display
+
+    shown = []
+    monkeypatch.setattr(IPython, "get_ipython", lambda: types.SimpleNamespace(kernel=object()))
+    monkeypatch.setattr(IPython.display, "display", lambda obj, raw=False: shown.append((obj, raw)))
+    data.choose_data("bottle", synthetic_root=tmp_path / "syn")
+    assert capsys.readouterr().out == ""
+    (bundle, raw), = shown
+    assert raw and "SYNTHETIC STAND-IN" in bundle["text/html"] and "<div" in bundle["text/html"]
+    assert "SYNTHETIC STAND-IN" in bundle["text/plain"]
+
+
+def test_choose_data_never_synthetic_raises_with_how_to_get_the_data(tmp_path, no_real_data):
+    with pytest.raises(DataError, match=r"(?s)'bottle' was not found.*synthetic='never'.*download=True.*"
+                                        r"mvtec-ad.*CC BY-NC-SA 4\.0.*ADLIB_DATA="):
+        data.choose_data("bottle", synthetic_root=tmp_path / "syn", synthetic="never")
+    assert not (tmp_path / "syn").exists()
+    with pytest.raises(ValueError, match="synthetic must be"):
+        data.choose_data("bottle", synthetic="maybe")
+
+
+def test_choose_data_always_synthetic_even_with_real_data(tmp_path, monkeypatch, capsys):
+    _write_category(tmp_path / "data", "bottle")
+    monkeypatch.setenv("ADLIB_DATA", str(tmp_path / "data"))
+    choice = data.choose_data("bottle", synthetic_root=tmp_path / "syn", synthetic="always")
+    assert not choice.real and "synthetic='always'" in capsys.readouterr().out

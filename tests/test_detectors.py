@@ -47,12 +47,67 @@ def test_save_load_round_trip(synthetic_sets, tmp_path):
     assert torch.equal(s1, s2) and torch.equal(m1, m2)
 
 
-def test_saved_file_is_not_pickle(synthetic_sets, tmp_path):
+def check_safetensors(path) -> set[str]:
+    """Assert ``path`` is a well-formed safetensors file and nothing else; return its tensor names.
+
+    The format: 8 bytes little-endian header length N, then N bytes of JSON (tensor name ->
+    dtype, shape, data_offsets; optional ``__metadata__`` of strings), then the tensor bytes, which
+    the offsets cover exactly. A ``torch.save`` file (a zip, ``PK\\x03\\x04``, or a bare pickle,
+    ``\\x80`` protocol opcode) fails this."""
+    from safetensors import safe_open
+
+    raw = open(path, "rb").read()
+    assert not raw.startswith(b"PK\x03\x04"), f"{path}: a zip archive (torch.save format), not safetensors"
+    assert not raw.startswith(b"\x80"), f"{path}: a pickle (protocol opcode 0x80), not safetensors"
+    assert len(raw) >= 8, f"{path}: {len(raw)} bytes, shorter than the 8-byte header length"
+    n = int.from_bytes(raw[:8], "little")
+    assert 2 <= n <= len(raw) - 8, f"{path}: header length {n} does not fit in {len(raw)} bytes"
+    try:
+        header = json.loads(raw[8:8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise AssertionError(f"{path}: the header is not JSON ({err})") from err
+    assert isinstance(header, dict), f"{path}: the header is not a JSON object"
+    metadata = header.pop("__metadata__", {})
+    assert all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
+    data_size, spans = len(raw) - 8 - n, []
+    for name, entry in header.items():
+        assert set(entry) == {"dtype", "shape", "data_offsets"}, f"{path}: tensor {name!r} entry {entry}"
+        begin, end = entry["data_offsets"]
+        assert 0 <= begin <= end <= data_size, f"{path}: tensor {name!r} lies outside the data"
+        spans.append((begin, end))
+    covered = 0  # the tensors tile the data: no gap, no overlap, nothing after the last one
+    for begin, end in sorted(spans):
+        assert begin == covered, f"{path}: data bytes {covered}..{begin} belong to no tensor"
+        covered = end
+    assert covered == data_size, f"{path}: {data_size - covered} bytes after the last tensor"
+    with safe_open(str(path), framework="pt") as f:
+        names = set(f.keys())
+        for name in names:
+            f.get_tensor(name)
+    assert names == set(header)
+    return names
+
+
+def test_saved_file_is_safetensors_not_pickle(synthetic_sets, tmp_path):
+    from safetensors.torch import load_file
+
     train, _ = synthetic_sets
     det = get_detector("pixel_stats", device="cpu").fit(train_batches(train, 8))
     det.save(tmp_path / "det.safetensors")
-    head = (tmp_path / "det.safetensors").read_bytes()[:16]
-    assert not head.startswith(b"\x80")  # pickle protocol marker
+    names = check_safetensors(tmp_path / "det.safetensors")
+    tensors = load_file(tmp_path / "det.safetensors")
+    assert names == set(tensors) == set(det.state_dict())
+    # the check would catch a detector that wrote torch.save files of the same tensors
+    torch.save(tensors, tmp_path / "zip.pt")
+    with pytest.raises(AssertionError, match="zip"):
+        check_safetensors(tmp_path / "zip.pt")
+    torch.save(tensors, tmp_path / "pickle.pt", _use_new_zipfile_serialization=False)
+    with pytest.raises(AssertionError, match="pickle"):
+        check_safetensors(tmp_path / "pickle.pt")
+    raw = (tmp_path / "det.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(raw[:-1])  # total size no longer matches the header
+    with pytest.raises(AssertionError, match="outside the data"):
+        check_safetensors(tmp_path / "cut.safetensors")
     with pytest.raises(RuntimeError, match="fit"):
         get_detector("pixel_stats").save(tmp_path / "empty.safetensors")
 

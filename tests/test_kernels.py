@@ -1,17 +1,26 @@
-"""adlib.kernels against float64 references: knn, greedy coreset, Gaussian fit + Mahalanobis, blobs."""
+"""adlib.kernels against float64 references: knn, greedy coreset, Gaussian fit + Mahalanobis, blobs.
+
+Runs twice in ``make unit``: as is, with the CPU Gaussians on SciPy's BLAS/LAPACK through ctypes,
+and with ``ADLIB_NO_CTYPES=1``, on torch's linear algebra only (``test_ctypes_layer_is_in_use``
+is skipped then, saying so).
+"""
 
 from __future__ import annotations
 
+import math
+import re
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
 import torch
 
-from adlib import bench, kernels
-from adlib.kernels import (GaussianAccumulator, greedy_coreset, gmm_blobs, knn, mahalanobis,
-                           _greedy_coreset_reference)
+from adlib import bench, kernels, settings
+from adlib.kernels import GaussianAccumulator, _lapack, blobs, gaussian, greedy_coreset, gmm_blobs, knn, mahalanobis
+from adlib.kernels import chunked_coreset, coreset
+from adlib.kernels.coreset import plain_greedy_coreset
 
 
 def _brute_knn(q: torch.Tensor, b: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,7 +94,7 @@ def _clustered(n: int, dim: int, seed: int) -> torch.Tensor:
 def test_coreset_same_selection_as_plain_loop(proj_dim):
     x = _clustered(4000, 48, seed=3)
     fast = greedy_coreset(x, n=300, proj_dim=proj_dim, seed=5)
-    plain = _greedy_coreset_reference(x, 300, proj_dim=proj_dim, seed=5)
+    plain = plain_greedy_coreset(x, 300, proj_dim=proj_dim, seed=5)
     assert torch.equal(fast, plain)
     assert fast.unique().numel() == 300
 
@@ -106,6 +115,134 @@ def test_coreset_bad_arguments():
         greedy_coreset(x, ratio=1.5)
     with pytest.raises(ValueError, match="n must be"):
         greedy_coreset(x, n=11)
+
+
+def _unclustered(n: int, dim: int, seed: int, offset: float = 0.0) -> torch.Tensor:
+    """Isotropic Gaussian: pruning never pays, every step is dense; ``offset`` moves it far from the
+    origin, where the norm expansions' rounding is largest."""
+    return torch.randn(n, dim, generator=torch.Generator().manual_seed(seed)) + offset
+
+
+@pytest.mark.parametrize("offset", [0.0, 30.0])
+@pytest.mark.parametrize("proj_dim", [16, 0])
+def test_coreset_dense_steps_select_as_the_plain_loop(proj_dim, offset):
+    x = _unclustered(4000, 48, seed=6, offset=offset)
+    projected = coreset.random_projection(x, proj_dim, seed=5)
+    result = coreset.greedy_projected(projected, 300, start=7)
+    assert result.dense > 250                      # the dense path is what is being checked
+    assert torch.equal(result.selected, plain_greedy_coreset(x, 300, proj_dim=proj_dim, seed=5, start=7))
+    assert torch.equal(result.selected, greedy_coreset(x, n=300, proj_dim=proj_dim, seed=5, start=7))
+
+
+def test_coreset_switches_between_pruning_and_dense_steps_exactly():
+    """Uneven 3-d points: pruning pays after the first steps, dense steps come first."""
+    x = torch.rand(6000, 3, generator=torch.Generator().manual_seed(8)) ** 2
+    result = coreset.greedy_projected(x, 400, start=0)
+    assert result.dense > 0 and result.pruned > 0
+    assert torch.equal(result.selected, plain_greedy_coreset(x, 400, proj_dim=0, start=0))
+    radii = result.radii
+    assert torch.isinf(radii[0]) and bool((radii[1:-1] >= radii[2:]).all())   # selection radii never grow
+    assert result.radius == pytest.approx(float(knn(x, x[result.selected])[0].max()), rel=1e-5)
+
+
+def test_coreset_pruning_on_principal_directions_selects_as_the_plain_loop():
+    """Clusters on a 6-d subspace of 48 dims, far from the origin: the pruning test's centre
+    distances run on a few principal directions (a lower bound) and must still skip no point that
+    moves."""
+    g = torch.Generator().manual_seed(9)
+    centres = 5 * torch.randn(25, 6, generator=g)
+    low = centres[torch.randint(25, (5000,), generator=g)] + torch.randn(5000, 6, generator=g)
+    x = low @ torch.randn(6, 48, generator=g) + 0.05 * torch.randn(5000, 48, generator=g) + 20
+    result = coreset.greedy_projected(x, 500, start=3)
+    assert result.prune_dim < 48 and result.pruned > 400
+    assert torch.equal(result.selected, plain_greedy_coreset(x, 500, proj_dim=0, start=3))
+
+
+def test_coreset_duplicates_and_single_point():
+    x = torch.cat([torch.zeros(50, 4), torch.ones(50, 4)])
+    assert set(greedy_coreset(x, n=2, proj_dim=0, start=0).tolist()) == {0, 50}
+    assert torch.equal(greedy_coreset(x, n=5, proj_dim=0, start=0), plain_greedy_coreset(x, 5, proj_dim=0, start=0))
+    assert greedy_coreset(torch.rand(1, 3), n=1).tolist() == [0]
+
+
+def _mixed(n: int, dim: int, seed: int) -> torch.Tensor:
+    """40 clusters of different spreads plus a uniform background, shuffled (no order to exploit)."""
+    g = torch.Generator().manual_seed(seed)
+    centres, spread = 6 * torch.randn(40, dim, generator=g), 0.3 + 1.5 * torch.rand(40, 1, generator=g)
+    k = torch.randint(40, (n,), generator=g)
+    x = torch.cat([centres[k] + spread[k] * torch.randn(n, dim, generator=g),
+                   torch.rand(n // 5, dim, generator=g) * 16 - 8])
+    return x[torch.randperm(x.shape[0], generator=g)]
+
+
+def test_chunked_coreset_covers_within_115_percent_of_exact():
+    x = _mixed(10000, 16, seed=0)
+    exact = greedy_coreset(x, ratio=0.1, proj_dim=0)
+    chunked = chunked_coreset.chunked_greedy_coreset(x, ratio=0.1, proj_dim=0, chunk_points=4000)
+    assert chunked.numel() == exact.numel() == 1200 and chunked.unique().numel() == 1200
+    radius = lambda idx: float(knn(x, x[idx])[0].max())
+    assert radius(exact) <= radius(chunked) <= 1.15 * radius(exact)
+
+
+def test_chunked_coreset_same_with_any_number_of_threads():
+    x = _mixed(6000, 12, seed=1)
+    threads = torch.get_num_threads()
+    one = chunked_coreset.chunked_greedy_coreset(x, ratio=0.1, proj_dim=8, chunk_points=1000, threads=1)
+    three = chunked_coreset.chunked_greedy_coreset(x, ratio=0.1, proj_dim=8, chunk_points=1000, threads=3)
+    assert torch.equal(one, three)
+    assert torch.get_num_threads() == threads       # the workers' single-thread setting did not leak
+
+
+def test_merge_by_radius_keeps_a_prefix_of_every_chunk():
+    chunks = [chunked_coreset.ChunkCoreset(0, torch.arange(4), torch.tensor([math.inf, 5.0, 3.0, 1.0]),
+                                           torch.zeros(4, 2), None, 0.5),
+              chunked_coreset.ChunkCoreset(4, torch.arange(3), torch.tensor([math.inf, 4.0, 3.0]),
+                                           torch.zeros(3, 2), None, 2.0)]
+    assert chunked_coreset.merge_by_radius(chunks, 5) == [3, 2]     # inf, inf, 5, 4, then the first 3.0
+    assert chunked_coreset.merge_by_radius(chunks, 7) == [4, 3]
+
+
+def test_stream_exact_scheme_is_greedy_coreset_whatever_the_pieces():
+    x = _mixed(3000, 10, seed=2)
+    stream = chunked_coreset.CoresetStream(0.1, "exact", proj_dim=6, seed=3)
+    for piece in x.split(377):
+        stream.add(piece)
+    rows = stream.finish()
+    assert stream.scheme_used == "exact"
+    assert torch.equal(stream.indices, greedy_coreset(x, ratio=0.1, proj_dim=6, seed=3))
+    assert torch.equal(rows, x[stream.indices])
+
+
+@pytest.mark.parametrize("n_rows,expected", [(2000, "exact"), (5000, "chunked")])
+def test_stream_auto_picks_the_scheme_by_bank_size(n_rows, expected):
+    x = _mixed(n_rows, 10, seed=4)[:n_rows]
+    stream = chunked_coreset.CoresetStream(0.1, "auto", proj_dim=0, auto_points=3000, chunk_points=1000)
+    for piece in x.split(500):
+        stream.add(piece)
+    rows = stream.finish()
+    assert stream.scheme_used == expected and rows.shape == (200 if n_rows == 2000 else 500, 10)
+    assert torch.equal(rows, x[stream.indices])
+    if expected == "chunked":   # rows held before the switch were chunked like the rest
+        assert torch.equal(stream.indices, chunked_coreset.chunked_greedy_coreset(x, ratio=0.1, proj_dim=0,
+                                                                                  chunk_points=1000))
+        assert stream.radius_bound >= float(knn(x, rows)[0].max()) * (1 - 1e-5)
+
+
+def test_stream_memory_budget_bounds_the_rows_held_or_fails_clearly():
+    x = _mixed(20000, 16, seed=5)
+    budget_mb = 1.0                                 # 1,542 rows a chunk with 2 threads
+    stream = chunked_coreset.CoresetStream(0.1, "chunked", proj_dim=8, budget_mb=budget_mb, threads=2)
+    for piece in x.split(2000):
+        stream.add(piece)
+    rows = stream.finish()
+    assert rows.shape == (2400, 16)
+    per_point = chunked_coreset.point_bytes(16, 8)
+    assert stream.chunk_rows < 2000 and stream.max_rows_held * per_point <= budget_mb * 2**20
+    exact = chunked_coreset.CoresetStream(0.1, "exact", proj_dim=8, budget_mb=budget_mb)
+    with pytest.raises(kernels.MemoryBudgetError, match=r"coreset=exact .* need about .* MB.*coreset=chunked"):
+        for piece in x.split(2000):
+            exact.add(piece)
+    assert exact.n_points < x.shape[0]              # it failed as soon as it knew, not at the end
 
 
 def _reference_mahalanobis(train: np.ndarray, test: np.ndarray, eps: float) -> np.ndarray:
@@ -140,7 +277,7 @@ def test_many_channels_lapack_path_matches_float64(monkeypatch):
     """C >= 160: the CPU distance is one LAPACK solve per position; the factor is exactly lower
     triangular and reproduces the covariance; the torch path gives the same distances."""
     g = torch.Generator().manual_seed(8)
-    channels = kernels._LAPACK_SOLVE_MIN_CHANNELS + 10
+    channels = gaussian._LAPACK_SOLVE_MIN_CHANNELS + 10
     train = torch.randn(channels + 30, channels, 2, 3, generator=g) + 2
     test = torch.randn(3, channels, 2, 3, generator=g) + 2
     acc = GaussianAccumulator(dtype=torch.float32)
@@ -156,7 +293,7 @@ def test_many_channels_lapack_path_matches_float64(monkeypatch):
     np.testing.assert_allclose(gauss.mahalanobis(test).double().numpy(), ref, rtol=1e-4)
     mixed = mahalanobis(test.double(), gauss.mean.double(), gauss.chol)   # float64 inputs, float32 factors
     np.testing.assert_allclose(mixed.double().numpy(), ref, rtol=1e-4)
-    monkeypatch.setattr(kernels, "_LAPACK_SOLVE_MIN_CHANNELS", 10**6)   # torch's batched solve
+    monkeypatch.setattr(gaussian, "_LAPACK_SOLVE_MIN_CHANNELS", 10**6)   # torch's batched solve
     np.testing.assert_allclose(gauss.mahalanobis(test).double().numpy(), ref, rtol=1e-4)
 
 
@@ -187,6 +324,104 @@ def test_gaussian_fit_with_two_threads_in_a_fresh_process():
             "assert torch.isfinite(d).all(); print('ok', tuple(d.shape))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "ok (3, 256)" in proc.stdout, proc.stderr
+
+
+def test_finalize_twice_returns_the_same_fit():
+    acc = GaussianAccumulator()
+    acc.update(torch.randn(20, 5, 2, 3, generator=torch.Generator().manual_seed(9)))
+    first = acc.finalize(eps=0.01)
+    second = acc.finalize(eps=0.01)
+    assert second is first and torch.isfinite(first.chol).all()
+    with pytest.raises(ValueError, match="already ran with eps=0.01"):
+        acc.finalize(eps=0.1)                        # the sums became the covariance: say so
+    with pytest.raises(ValueError, match="new GaussianAccumulator"):
+        acc.update(torch.randn(2, 5, 2, 3))
+    broken = GaussianAccumulator()
+    broken.update(torch.full((4, 3, 2, 2), float("nan")))
+    with pytest.raises(ValueError, match="NaN"):
+        broken.finalize()
+    with pytest.raises(ValueError, match="earlier finalize"):
+        broken.finalize()
+
+
+# ---------------------------------------------------------------------------------------------
+# The ctypes layer (SciPy's BLAS/LAPACK without the GIL) and its torch fallback
+# ---------------------------------------------------------------------------------------------
+
+def _many_channels_fit_matches_float64() -> torch.Tensor:
+    """C >= 160 (the LAPACK solve's range, when LAPACK is on), float32 sums: fit, factor and
+    distances equal the float64 reference; returns the factors."""
+    g = torch.Generator().manual_seed(10)
+    channels = gaussian._LAPACK_SOLVE_MIN_CHANNELS + 4
+    train = torch.randn(channels + 40, channels, 2, 2, generator=g) + 3
+    test = torch.randn(3, channels, 2, 2, generator=g) + 3
+    acc = GaussianAccumulator(dtype=torch.float32)
+    for chunk in train.split(50):
+        acc.update(chunk)
+    gauss = acc.finalize(eps=0.01)
+    assert torch.equal(gauss.chol, gauss.chol.tril())
+    ref = _reference_mahalanobis(train.flatten(2).double().numpy(), test.flatten(2).double().numpy(), 0.01)
+    np.testing.assert_allclose(gauss.mahalanobis(test).double().numpy(), ref, rtol=1e-4)
+    return gauss.chol
+
+
+def _raises(error: Exception):
+    def fail(*args):
+        raise error
+    return fail
+
+
+def _no_binding(name: str):
+    raise AssertionError(f"{name} was bound through ctypes in torch mode")
+
+
+def test_signature_check_accepts_scipy_capsules():
+    assert _lapack._signature_problem() is None
+    from scipy.linalg import cython_lapack
+    found = _lapack._capsule_name(cython_lapack.__pyx_capi__["spotrf"])
+    assert _lapack._normalized(found) == "void (char *, int *, float *, int *, int *)", found
+
+
+def test_ctypes_layer_is_in_use():
+    """Not silently off: with SciPy's real tables and no setting, the CPU Gaussians use LAPACK."""
+    if settings.ctypes_disabled():
+        pytest.skip("ADLIB_NO_CTYPES=1: this run tests the kernels' torch paths")
+    assert kernels.lapack_available()
+
+
+def test_forced_torch_mode_binds_nothing_and_matches_float64(monkeypatch):
+    monkeypatch.setenv("ADLIB_NO_CTYPES", "1")
+    monkeypatch.setattr(_lapack, "_nogil_routine", _no_binding)
+    assert settings.ctypes_disabled() and kernels.lapack_available() is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")               # asked for: no warning
+        _many_channels_fit_matches_float64()
+
+
+@pytest.mark.parametrize("break_it", ["signature", "capsule", "import"])
+def test_signature_mismatch_falls_back_to_torch_with_one_warning(monkeypatch, break_it):
+    monkeypatch.delenv("ADLIB_NO_CTYPES", raising=False)
+    monkeypatch.setattr(_lapack, "_check_result", None)             # check again here (restored after)
+    monkeypatch.setattr(_lapack, "_nogil_routine", _no_binding)
+    if break_it == "signature":                                      # as an ILP64 build would declare it
+        monkeypatch.setitem(_lapack._SIGNATURES, "potrf", "void (char *, int64_t *, {r} *, int64_t *, int64_t *)")
+        reason = r"spotrf has signature .*int64_t"
+    elif break_it == "capsule":                                      # the capsule reader fails
+        monkeypatch.setattr(_lapack, "_capsule_name", _raises(ValueError("invalid PyCapsule object")))
+        reason = "not readable .*ValueError"
+    else:                                                            # SciPy's Cython tables do not import
+        monkeypatch.setattr(_lapack, "_table", _raises(ImportError("cannot import name 'cython_blas'")))
+        reason = "not readable .*ImportError"
+    assert _lapack._signature_problem() is not None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        chol = _many_channels_fit_matches_float64()
+        assert torch.equal(_many_channels_fit_matches_float64(), chol)          # deterministic, warned once
+        assert kernels.lapack_available() is False
+    ours = [w for w in caught if "adlib.kernels" in str(w.message)]
+    assert len(ours) == 1 and issubclass(ours[0].category, RuntimeWarning), [str(w.message) for w in caught]
+    assert "torch" in str(ours[0].message)
+    assert re.search(reason, str(ours[0].message)), str(ours[0].message)
 
 
 def test_blobs_are_deterministic_and_masks_are_exactly_the_changed_pixels():
@@ -261,7 +496,7 @@ def test_blobs_match_a_per_image_loop():
 
 
 def test_blobs_in_chunks_match_the_loop_and_the_ellipses(monkeypatch):
-    monkeypatch.setattr(kernels, "_BLOB_CHUNK_ELEMENTS", 2 * 4 * 24 * 28)   # 2 images a chunk: 5 chunks
+    monkeypatch.setattr(blobs, "_BLOB_CHUNK_ELEMENTS", 2 * 4 * 24 * 28)   # 2 images a chunk: 5 chunks
     images = torch.rand(9, 3, 24, 28, dtype=torch.float64)
     out, masks, p, _ = gmm_blobs(images, generator=torch.Generator().manual_seed(2))
     assert len(p.active.sum(1).unique()) > 1                                  # several component-count groups

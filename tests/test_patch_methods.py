@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adlib import get_detector, load_detector
+from adlib import get_detector, load_detector, settings
+from adlib.__main__ import _hyper, build_parser
 from adlib.data import MVTecDataset, load_split, train_batches
 from adlib.evaluate import evaluate
-from adlib.kernels import knn
+from adlib.kernels import MemoryBudgetError, chunked_coreset, knn
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +59,50 @@ def test_patchcore_coreset_shrinks_bank_and_reweighting_runs(small_synthetic):
     assert scores.shape == (4,) and maps.shape == (4, 64, 64) and torch.isfinite(scores).all()
 
 
+def test_patchcore_over_a_tiny_memory_budget_streams_chunked_or_fails_clearly(small_synthetic):
+    train, images = small_synthetic                  # 24 images -> a bank of 1,536 x 152 (0.9 MB)
+    chunked = get_detector("patchcore", coreset="chunked", memory_mb=0.5, device="cpu").fit(train_batches(train, 8))
+    assert chunked.coreset_used == "chunked" and chunked.memory_bank.shape == (154, 152)
+    assert torch.isfinite(chunked.predict(images[:2])[0]).all()
+    auto = get_detector("patchcore", memory_mb=0.5, device="cpu").fit(train_batches(train, 8))
+    assert auto.coreset_used == "chunked"            # auto: the exact bank would not fit
+    with pytest.raises(MemoryBudgetError, match=r"coreset=exact .*need about .* MB.* budget of 0.5 MB.*coreset=chunked"):
+        get_detector("patchcore", coreset="exact", memory_mb=0.5, device="cpu").fit(train_batches(train, 8))
+
+
+def test_patchcore_memory_budget_defaults_to_the_setting(small_synthetic, monkeypatch):
+    train, _ = small_synthetic
+    monkeypatch.setenv("ADLIB_MEMORY_MB", "0.3")
+    assert settings.memory_budget_mb() == 0.3
+    with pytest.raises(MemoryBudgetError, match="ADLIB_MEMORY_MB"):
+        get_detector("patchcore", coreset="exact", device="cpu").fit(train_batches(train, 8))
+    monkeypatch.setenv("ADLIB_MEMORY_MB", "lots")
+    with pytest.raises(ValueError, match="ADLIB_MEMORY_MB must be a number"):
+        settings.memory_budget_mb()
+    monkeypatch.delenv("ADLIB_MEMORY_MB")
+    assert settings.memory_budget_mb() == settings.DEFAULT_MEMORY_MB
+
+
+@pytest.mark.parametrize("auto_points,expected", [(1000, "chunked"), (100_000, "exact")])
+def test_patchcore_auto_coreset_picks_the_scheme_by_bank_size(small_synthetic, monkeypatch, auto_points, expected):
+    train, _ = small_synthetic
+    monkeypatch.setattr(chunked_coreset, "AUTO_EXACT_POINTS", auto_points)
+    det = get_detector("patchcore", device="cpu").fit(train_batches(train, 8))
+    assert det.coreset_used == expected and det.memory_bank.shape == (154, 152)
+    forced = get_detector("patchcore", coreset="exact", device="cpu").fit(train_batches(train, 8))
+    assert forced.coreset_used == "exact"
+    with pytest.raises(ValueError, match="coreset must be one of"):
+        get_detector("patchcore", coreset="fast", device="cpu")
+
+
+def test_cli_memory_mb_reaches_patchcore_only():
+    parse = lambda *extra: build_parser().parse_args(["evaluate", *extra])
+    assert _hyper(parse("--method", "patchcore", "--memory-mb", "64", "--set", "coreset=exact")) == \
+        {"memory_mb": 64.0, "coreset": "exact", "device": None}
+    with pytest.raises(ValueError, match="no memory budget"):
+        _hyper(parse("--method", "padim", "--memory-mb", "64"))
+
+
 @pytest.mark.parametrize("method", ["patchcore", "padim"])
 def test_save_load_gives_identical_predictions(small_synthetic, method, tmp_path):
     train, images = small_synthetic
@@ -74,7 +119,7 @@ def test_padim_is_deterministic_per_seed_and_checks_sizes(small_synthetic):
     a = get_detector("padim", n_features=50, seed=3, device="cpu").fit(train_batches(train, 8))
     b = get_detector("padim", n_features=50, seed=3, device="cpu").fit(train_batches(train, 8))
     assert torch.equal(a.channels, b.channels) and torch.equal(a.predict(images[:2])[0], b.predict(images[:2])[0])
-    with pytest.raises(ValueError, match="training image size"):
+    with pytest.raises(ValueError, match="fitted on 64x64 images"):
         a.predict(torch.zeros(1, 3, 96, 96))
     with pytest.raises(ValueError, match="n_features"):
         get_detector("padim", n_features=10_000, device="cpu").fit(train_batches(train, 8))

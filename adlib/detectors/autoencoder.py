@@ -120,7 +120,7 @@ class Autoencoder(Detector):
             raise ValueError(f"no images left to train on ({n} images, holdout={self.holdout})")
         return order[n_holdout:], order[:n_holdout]
 
-    def fit(self, train: Iterable[Tensor]) -> "Autoencoder":
+    def _fit(self, train: Iterable[Tensor]) -> None:
         """Train on ``(B, 3, S, S)`` batches of normal images; set ``threshold`` from the held-out ones."""
         pixels = self._collect(train)
         generator = torch.Generator().manual_seed(self.seed)
@@ -142,7 +142,6 @@ class Autoencoder(Detector):
         if len(held):
             self.holdout_scores = self._scores(held)
             self.threshold = float(self.holdout_scores.mean() + 3 * self.holdout_scores.std())
-        return self
 
     @torch.no_grad()
     def _scores(self, pixels: Tensor, batch_size: int = 32) -> Tensor:
@@ -164,8 +163,7 @@ class Autoencoder(Detector):
         self.net.eval()
         return self.net(denormalize(images.float()).to(self._device))
 
-    @torch.no_grad()
-    def predict(self, images: Tensor) -> tuple[Tensor, Tensor]:
+    def _predict(self, images: Tensor) -> tuple[Tensor, Tensor]:
         maps = reconstruction_error(denormalize(images.float()).to(self._device), self.reconstruct(images))
         return maps.mean((1, 2)), maps
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Callable, ClassVar, Iterable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Iterator, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +26,11 @@ from torch import Tensor
 from ..backbones import BackboneFileError, FeatureExtractor, file_sha256, is_backbone_file
 from ..settings import default_device
 
+if TYPE_CHECKING:
+    from ..data import Preprocessing
+
 __all__ = ["Detector", "FeatureDetector", "register", "get_detector", "load_detector", "DETECTORS", "upsample_and_smooth",
-           "gaussian_blur", "check_images"]
+           "gaussian_blur", "check_images", "CheckedBatches"]
 
 DETECTORS: dict[str, type["Detector"]] = {}
 D = TypeVar("D", bound="Detector")
@@ -59,27 +62,118 @@ def get_detector(name: str, **hyper: Any) -> "Detector":
 
 
 def check_images(images: Tensor) -> None:
-    """Refuse anything that is not a float batch ``(B, 3, H, W)``."""
+    """Refuse anything that is not a finite float batch ``(B, 3, H, W)``."""
     if not isinstance(images, Tensor):
         raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
     if not images.dtype.is_floating_point:
         raise TypeError(f"images must be floating point (ImageNet-normalized), got {images.dtype}")
+    finite = torch.isfinite(images)
+    if not bool(finite.all()):
+        bad = int((~finite).flatten(1).any(1).sum())
+        raise ValueError(f"{bad} of {len(images)} images contain NaN or infinite pixel values: a detector "
+                         f"fitted or scored on them would give NaN scores; clean or drop those images")
+
+
+class CheckedBatches:
+    """A re-iterable view of a detector's training data that checks every batch on the way.
+
+    ``train`` is an iterable of ``(B, 3, H, W)`` batches (iterated once per epoch by the methods that
+    train) or one ``(N, 3, H, W)`` tensor (split into batches of ``batch_size``). Every batch passes
+    :func:`check_images`, and all share the first one's ``(H, W)``, recorded as ``size``.
+    """
+
+    def __init__(self, train: Iterable[Tensor] | Tensor, batch_size: int = 32):
+        self.train, self.batch_size = train, batch_size
+        self.size: tuple[int, int] | None = None
+        self.count = 0
+
+    def __iter__(self) -> Iterator[Tensor]:
+        source = self.train.split(self.batch_size) if isinstance(self.train, Tensor) else self.train
+        count = 0
+        for batch in source:
+            check_images(batch)
+            size = (int(batch.shape[-2]), int(batch.shape[-1]))
+            if self.size is None:
+                self.size = size
+            elif size != self.size:
+                raise ValueError(f"all training images must share one size: got a batch of {size} after "
+                                 f"{self.size}; resize them the same way (adlib.data.Preprocessing)")
+            count += len(batch)
+            yield batch
+        self.count = count
+
+    def __len__(self) -> int:
+        if isinstance(self.train, Tensor):
+            return -(-len(self.train) // self.batch_size)
+        return len(self.train)  # type: ignore[arg-type]
 
 
 class Detector:
-    """Base class of every method. Subclasses are dataclasses and implement ``fit``, ``predict``,
-    ``state_dict`` and ``load_state_dict``; this class gives ``save``/``load`` and ``hyper``."""
+    """Base class of every method. Subclasses are dataclasses and implement ``_fit``, ``_predict``,
+    ``state_dict`` and ``load_state_dict``; this class gives the checked ``fit``/``predict``,
+    ``save``/``load`` and ``hyper``.
+
+    What every fitted detector knows besides its method's state: ``input_size`` ``(H, W)`` of the
+    images it was fitted on (``predict`` refuses another size), ``preprocessing`` (how files became
+    those images, when it was fitted from a dataset: ``predict_files`` and the CLI use it) and an
+    optional decision ``threshold`` on the image score. All three are saved with the detector.
+    """
 
     name: ClassVar[str] = "detector"
+    input_size: tuple[int, int] | None = None
+    preprocessing: "Preprocessing | None" = None
+    threshold: float | None = None
 
-    def fit(self: D, train: Iterable[Tensor]) -> D:  # pragma: no cover - interface
-        """Learn from normal images only: ``train`` yields batches ``(B, 3, H, W)``. Returns self."""
+    def fit(self: D, train: Iterable[Tensor] | Tensor) -> D:
+        """Learn from normal images only: ``train`` yields batches ``(B, 3, H, W)`` (or is one
+        ``(N, 3, H, W)`` tensor). Refitting forgets everything learnt before. Returns self."""
+        checked = CheckedBatches(train)
+        self.threshold = None   # a method that calibrates one sets it again in _fit
+        self._fit(checked)
+        if checked.size is None:
+            raise ValueError("no training images")
+        self.input_size = checked.size
+        dataset = getattr(train, "dataset", None)
+        self.preprocessing = getattr(dataset, "preprocessing", None)
+        return self
+
+    @torch.no_grad()
+    def predict(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """``(B, 3, H, W)`` -> image scores ``(B,)`` and anomaly maps ``(B, H, W)``, higher = more anomalous.
+        ``(H, W)`` must be the training images' size (``predict_files`` resizes files as they were)."""
+        check_images(images)
+        size = (int(images.shape[-2]), int(images.shape[-1]))
+        if self.input_size is not None and size != tuple(self.input_size):
+            how = ("predict_files() or the CLI read files as the training images were read"
+                   if self.preprocessing is not None else "resize them as the training images were")
+            raise ValueError(f"images are {size[0]}x{size[1]}, but {self.name} was fitted on "
+                             f"{self.input_size[0]}x{self.input_size[1]} images: {how}")
+        return self._predict(images)
+
+    def predict_files(self, paths: Iterable[str | os.PathLike], batch_size: int = 16) -> tuple[Tensor, Tensor]:
+        """Image files of any size and bit depth -> ``(N,)`` scores and ``(N, S, S)`` maps, each file
+        read with the ``preprocessing`` the detector was fitted with."""
+        if self.preprocessing is None:
+            raise ValueError(f"this {self.name} was fitted on tensors, so it does not know how files were "
+                             f"read; fit it on a dataset (adlib.data.train_batches) or call predict() on tensors")
+        paths = list(paths)
+        scores, maps = [], []
+        for start in range(0, len(paths), batch_size):
+            images = self.preprocessing.load_many(paths[start:start + batch_size])
+            s, m = self.predict(images)
+            scores.append(s.cpu())
+            maps.append(m.cpu())
+        if not scores:
+            raise ValueError("no image files given")
+        return torch.cat(scores), torch.cat(maps)
+
+    def _fit(self, train: Iterable[Tensor]) -> None:  # pragma: no cover - interface
+        """The method's learning on checked ``(B, 3, H, W)`` batches; overwrites all fitted state."""
         raise NotImplementedError
 
-    def predict(self, images: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - interface
-        """``(B, 3, H, W)`` -> image scores ``(B,)`` and anomaly maps ``(B, H, W)``, higher = more anomalous."""
+    def _predict(self, images: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - interface
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, Tensor]:  # pragma: no cover - interface
@@ -90,8 +184,10 @@ class Detector:
 
     @property
     def hyper(self) -> dict[str, Any]:
-        """The hyper-parameters (the dataclass fields set at construction) as a JSON-friendly dict."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}  # type: ignore[arg-type]
+        """The hyper-parameters (the dataclass fields set at construction) as a JSON-friendly dict.
+        ``device`` is not among them: where to compute is a setting of the run, not of the model."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)  # type: ignore[arg-type]
+                if f.init and f.name != "device"}
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the fitted detector as one safetensors file (tensors + JSON metadata)."""
@@ -100,8 +196,10 @@ class Detector:
         state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
         if not state:
             raise RuntimeError(f"{self.name} has no fitted state to save: call fit() first")
+        fitted = {"input_size": list(self.input_size) if self.input_size else None, "threshold": self.threshold,
+                  "preprocessing": self.preprocessing.to_dict() if self.preprocessing else None}
         save_file(state, str(path), metadata={"method": self.name, "hyper": json.dumps(self.hyper),
-                                              **self.file_metadata()})
+                                              "fitted": json.dumps(fitted), **self.file_metadata()})
 
     def file_metadata(self) -> dict[str, str]:
         """Extra string metadata :meth:`save` writes (e.g. the identity of a backbone file)."""
@@ -163,7 +261,10 @@ def load_detector(path: str | os.PathLike, device: str | torch.device | None = N
     if "method" not in meta:
         raise ValueError(f"{path}: not an adlib detector file (no 'method' in its metadata)")
     hyper = json.loads(meta.get("hyper", "{}"))
-    if device is not None and "device" in hyper:
+    hyper.pop("device", None)   # files written before the device became a run setting
+    if device is not None:
+        if "device" not in {f.name for f in dataclasses.fields(DETECTORS[meta["method"]]) if f.init}:
+            raise ValueError(f"{meta['method']} runs on the CPU only; drop the device argument")
         hyper["device"] = str(device)
     detector = get_detector(meta["method"], **hyper)
     if "backbone_sha256" in meta:
@@ -172,7 +273,20 @@ def load_detector(path: str | os.PathLike, device: str | torch.device | None = N
         _check_backbone_hash(backbone, actual, meta["backbone_sha256"])
         detector._expected_backbone_sha256 = meta["backbone_sha256"]
     detector.load_state_dict(load_file(str(path)))
+    _restore_fitted(detector, json.loads(meta.get("fitted", "{}")))
     return detector
+
+
+def _restore_fitted(detector: Detector, fitted: dict[str, Any]) -> None:
+    """Put back what every fitted detector knows: input size, preprocessing, threshold."""
+    from ..data import Preprocessing
+
+    if fitted.get("input_size"):
+        detector.input_size = tuple(int(v) for v in fitted["input_size"])  # type: ignore[assignment]
+    if fitted.get("preprocessing"):
+        detector.preprocessing = Preprocessing.from_dict(fitted["preprocessing"])
+    if fitted.get("threshold") is not None:
+        detector.threshold = float(fitted["threshold"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -337,16 +337,13 @@ class DenseHybrid(Detector):
 
     # -- fit ------------------------------------------------------------------------------------
 
-    def fit(self, train: Iterable[Tensor]) -> "DenseHybrid":
+    def _fit(self, train: Iterable[Tensor]) -> None:
         """Paste negatives onto the normal ``(B, 3, H, W)`` batches, then train the head (and, with
         ``freeze="none"``, the backbone) on Eq. (1)."""
         batches = [b for b in train]
         if not batches:
             raise ValueError("no training images")
         images = torch.cat(batches)
-        check_images(images)
-        if not torch.isfinite(images).all():
-            raise ValueError("training images contain NaN or infinite values")
         if len(images) < 2:
             raise ValueError(f"need at least 2 training images, got {len(images)}")
         self.backbone = self.resolved_backbone()
@@ -376,7 +373,6 @@ class DenseHybrid(Detector):
         self.train_history = self._train(net, data, self.epochs - warmup if warmup else self.epochs,
                                          f"densehybrid fit (freeze {self.freeze})")
         self.head.eval()
-        return self
 
     def _set_trainable(self) -> None:
         """Gradients only where ``freeze`` allows; frozen batch norms stay in eval mode."""
@@ -412,8 +408,7 @@ class DenseHybrid(Detector):
         return {"outlier": outlier.float(), "log_density": log_density,
                 "hybrid": F.logsigmoid(outlier.float()) - log_density}
 
-    @torch.no_grad()
-    def predict(self, images: Tensor) -> tuple[Tensor, Tensor]:
+    def _predict(self, images: Tensor) -> tuple[Tensor, Tensor]:
         grid = self.maps(images)[self.score]
         maps = upsample_and_smooth(grid, tuple(images.shape[-2:]), self.sigma)
         return maps.flatten(1).amax(1), maps

@@ -54,7 +54,7 @@ def pca_latent_dim(features: Tensor, explained_variance: float) -> int:
     if not 0.0 < explained_variance <= 1.0:
         raise ValueError(f"explained_variance must be in (0, 1], got {explained_variance}")
     ratio = cumulative_explained_variance(features)
-    return int(torch.searchsorted(ratio, torch.tensor(explained_variance, dtype=ratio.dtype)).item()) + 1
+    return int(torch.searchsorted(ratio, torch.tensor(explained_variance, dtype=ratio.dtype, device=ratio.device)).item()) + 1
 
 
 class FeatureAutoencoder(nn.Module):
@@ -129,7 +129,7 @@ class DFR(FeatureDetector):
             torch.manual_seed(self.seed)
             self.net = FeatureAutoencoder(channels, latent_dim).to(self._device)
 
-    def fit(self, train: Iterable[Tensor]) -> "DFR":
+    def _fit(self, train: Iterable[Tensor]) -> None:
         """Extract features of all ``(B, 3, H, W)`` training batches once, then train for ``epochs``."""
         self.feature_mean = self.feature_std = None
         maps, image_size = [], None
@@ -149,7 +149,6 @@ class DFR(FeatureDetector):
         self._train(vectors)
         scores = torch.cat([self._image_scores_and_maps(m, image_size)[0] for m in maps.split(32)])
         self.threshold = float(torch.quantile(scores.double(), 1.0 - self.expected_fpr))
-        return self
 
     def _train(self, vectors: Tensor) -> None:
         """Minimize the MSE of ``(N, C)`` feature vectors on the shared loop (seeded shuffles)."""
@@ -167,8 +166,7 @@ class DFR(FeatureDetector):
         maps = upsample_and_smooth(self._score_maps(emb), image_size, self.sigma)
         return maps.flatten(1).amax(1), maps
 
-    @torch.no_grad()
-    def predict(self, images: Tensor) -> tuple[Tensor, Tensor]:
+    def _predict(self, images: Tensor) -> tuple[Tensor, Tensor]:
         if self.net is None:
             raise RuntimeError("DFR is not fitted: call fit() first")
         return self._image_scores_and_maps(self.embed(images), tuple(images.shape[-2:]))

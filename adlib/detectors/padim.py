@@ -53,20 +53,18 @@ class PaDiM(FeatureDetector):
         emb = concat_stages(feats, grid, mode="nearest")
         return emb.index_select(1, self.channels.to(emb.device))
 
-    def fit(self, train: Iterable[Tensor]) -> "PaDiM":
+    def _fit(self, train: Iterable[Tensor]) -> None:
         self.channels = self.choose_channels()
         acc = GaussianAccumulator(dtype=torch.float32)  # sums around a shift: float32 is accurate
+        self.grid = None
         for batch in tqdm(train, desc="padim fit", leave=False):
             emb = self.embed(batch)
-            if self.grid is None:
-                self.grid = tuple(emb.shape[-2:])
+            self.grid = self.grid or tuple(emb.shape[-2:])   # one size for all: fit checks the batches
             acc.update(emb)
         gaussians = acc.finalize(self.eps)
         self.mean, self.chol = gaussians.mean, gaussians.chol
-        return self
 
-    @torch.no_grad()
-    def predict(self, images: Tensor) -> tuple[Tensor, Tensor]:
+    def _predict(self, images: Tensor) -> tuple[Tensor, Tensor]:
         if self.mean is None:
             raise RuntimeError("PaDiM is not fitted: call fit() first")
         emb = self.embed(images)

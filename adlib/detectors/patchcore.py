@@ -2,9 +2,13 @@
 
 fit: every training image -> patch features ``(h*w, D)`` (stride-8 and stride-16 stages, 3x3 local
 average, resized to the stride-8 grid, concatenated) -> memory bank ``(N*h*w, D)`` -> greedy
-coreset (default 10%). predict: each test patch's distance to its nearest bank patch is its
-anomaly score; the image score is the maximum (optionally re-weighted as in the paper); the
-patch map is upsampled to the image and Gaussian-smoothed (sigma 4).
+coreset (default 10%), streamed batch by batch into :class:`~adlib.kernels.CoresetStream`: the
+exact greedy while the bank is small (``coreset="auto"``, up to
+:data:`~adlib.kernels.chunked_coreset.AUTO_EXACT_POINTS` patches), the chunked greedy beyond (fit
+time linear in the number of images), the bank's memory within ``memory_mb`` either way.
+predict: each test patch's distance to its nearest bank patch is its anomaly score; the image
+score is the maximum (optionally re-weighted as in the paper); the patch map is upsampled to the
+image and Gaussian-smoothed (sigma 4).
 """
 
 from __future__ import annotations
@@ -17,19 +21,32 @@ from torch import Tensor
 from tqdm import tqdm
 
 from ..backbones import DEFAULT_BACKBONE, concat_stages
-from ..kernels import greedy_coreset, knn
+from ..kernels import CoresetStream, knn
+from ..kernels.chunked_coreset import SCHEMES
+from ..settings import memory_budget_mb
 from .base import FeatureDetector, check_images, register, upsample_and_smooth
 
 
 @register("patchcore")
 @dataclass(eq=False)
 class PatchCore(FeatureDetector):
-    """PatchCore with the paper's defaults; ``coreset_ratio=1.0`` keeps the whole bank."""
+    """PatchCore with the paper's defaults; ``coreset_ratio=1.0`` keeps the whole bank.
+
+    ``coreset``: ``"exact"`` (the exact k-center greedy over the whole bank), ``"chunked"`` (the
+    greedy within chunks of the bank, merged by selection radius: linear in the number of images,
+    covering radius measured within 1.15x of the exact one's) or ``"auto"`` (exact up to
+    :data:`~adlib.kernels.chunked_coreset.AUTO_EXACT_POINTS` bank patches, chunked beyond).
+    ``memory_mb``: the budget of the bank and coreset while fitting (None: ``ADLIB_MEMORY_MB``,
+    default 2048); ``"exact"`` raises :class:`~adlib.kernels.MemoryBudgetError` when the bank would
+    not fit it.
+    """
 
     backbone: str = DEFAULT_BACKBONE
     strides: tuple[int, ...] = (8, 16)
     patch_size: int = 3
     coreset_ratio: float = 0.1
+    coreset: str = "auto"
+    memory_mb: float | None = None
     proj_dim: int = 128
     reweight: bool = False
     num_neighbors: int = 9
@@ -37,6 +54,15 @@ class PatchCore(FeatureDetector):
     seed: int = 0
     device: str | None = None
     memory_bank: Tensor | None = field(default=None, init=False, repr=False)   # (M, D)
+    coreset_used: str | None = field(default=None, init=False, repr=False)     # fit's scheme: exact, chunked, all
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.coreset not in SCHEMES:
+            raise ValueError(f"coreset must be one of {list(SCHEMES)}, got {self.coreset!r}")
+        if self.memory_mb is not None and not self.memory_mb > 0:
+            raise ValueError(f"memory_mb must be a positive number of MB (or None for ADLIB_MEMORY_MB), "
+                             f"got {self.memory_mb!r}")
 
     def embed(self, images: Tensor) -> Tensor:
         """``(B, 3, H, W)`` -> patch features ``(B, D, h, w)`` on the finest stride's grid."""
@@ -45,23 +71,21 @@ class PatchCore(FeatureDetector):
         grid = tuple(feats[min(self.strides)].shape[-2:])
         return concat_stages(feats, grid, mode="bilinear", aggregate=self.patch_size)
 
-    def fit(self, train: Iterable[Tensor]) -> "PatchCore":
-        patches = []
-        for batch in tqdm(train, desc="patchcore features", leave=False):
-            emb = self.embed(batch)
-            patches.append(emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1]))
-        if not patches:
-            raise ValueError("no training images")
-        bank = torch.cat(patches)
-        if self.coreset_ratio < 1.0:
-            keep = greedy_coreset(bank, ratio=self.coreset_ratio, proj_dim=self.proj_dim, seed=self.seed,
-                                  progress=True)
-            bank = bank[keep]
-        self.memory_bank = bank.contiguous()
-        return self
+    def _fit(self, train: Iterable[Tensor]) -> None:
+        budget = self.memory_mb if self.memory_mb is not None else memory_budget_mb()
+        with torch.no_grad(), CoresetStream(self.coreset_ratio, self.coreset, proj_dim=self.proj_dim, seed=self.seed,
+                                            budget_mb=budget, progress=True) as stream:
+            for i, batch in enumerate(tqdm(train, desc="patchcore features", leave=False)):
+                emb = self.embed(batch)
+                stream.add(emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1]))
+                if i == 0:
+                    stream.expect(_expected_rows(train, emb))
+            if stream.n_points == 0:
+                raise ValueError("no training images")
+            self.memory_bank = stream.finish()
+        self.coreset_used = stream.scheme_used
 
-    @torch.no_grad()
-    def predict(self, images: Tensor) -> tuple[Tensor, Tensor]:
+    def _predict(self, images: Tensor) -> tuple[Tensor, Tensor]:
         if self.memory_bank is None:
             raise RuntimeError("PatchCore is not fitted: call fit() first")
         emb = self.embed(images)
@@ -93,3 +117,14 @@ class PatchCore(FeatureDetector):
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.memory_bank = state["memory_bank"].to(self._device)
+
+
+def _expected_rows(train: Iterable[Tensor], first: Tensor) -> int:
+    """The bank's size estimated from the first batch's embedding ``(B, D, h, w)`` and the number of
+    batches, as if all but the last were as large (0 when the batches cannot be counted)."""
+    try:
+        n_batches = len(train)  # type: ignore[arg-type]
+    except TypeError:
+        return 0
+    b, _, h, w = first.shape
+    return ((n_batches - 1) * b + 1) * h * w

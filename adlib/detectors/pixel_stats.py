@@ -34,7 +34,7 @@ class PixelStats(Detector):
     def __post_init__(self) -> None:
         self._device = default_device(self.device)
 
-    def fit(self, train: Iterable[Tensor]) -> "PixelStats":
+    def _fit(self, train: Iterable[Tensor]) -> None:
         """Streaming float64 sums over ``(B, 3, H, W)`` batches -> mean, std ``(3, H, W)``."""
         total = total_sq = None
         count = 0
@@ -56,10 +56,8 @@ class PixelStats(Detector):
         var = (total_sq - count * mean * mean) / (count - 1)
         self.mean = mean.float()
         self.std = var.clamp_min(0).sqrt().clamp_min(self.min_std).float()
-        return self
 
-    @torch.no_grad()
-    def predict(self, images: Tensor) -> tuple[Tensor, Tensor]:
+    def _predict(self, images: Tensor) -> tuple[Tensor, Tensor]:
         check_images(images)
         if self.mean is None:
             raise RuntimeError("PixelStats is not fitted: call fit() first")

@@ -1,0 +1,85 @@
+"""The numbers the chapters' prose quotes are the numbers their stored outputs show.
+
+``tools/check_quoted_numbers.py`` holds the rule and the marker for numbers that are not from the
+outputs (``<!-- cited: ... -->``, ``<!-- derived: ... -->``, ``<!-- figure: ... -->``); this file runs it
+on every notebook and pins the rule down on small examples.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("check_quoted_numbers", ROOT / "tools" / "check_quoted_numbers.py")
+cqn = importlib.util.module_from_spec(_spec)
+sys.modules["check_quoted_numbers"] = cqn
+_spec.loader.exec_module(cqn)
+
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_prose_numbers_match_stored_outputs(notebook):
+    problems = cqn.check_notebook(notebook)
+    assert not problems, "quoted numbers that the stored outputs do not back:\n" + "\n".join(map(str, problems))
+
+
+def test_every_chapter_is_checked():
+    assert len(NOTEBOOKS) >= 9
+
+
+# --- the rule, on small examples ----------------------------------------------------------------------
+
+
+def _nb(markdown: str, *outputs: str) -> dict:
+    cells = [{"cell_type": "markdown", "metadata": {}, "source": markdown}]
+    for text in outputs:
+        cells.append({"cell_type": "code", "metadata": {}, "source": "", "execution_count": 1,
+                      "outputs": [{"output_type": "stream", "name": "stdout", "text": text}]})
+    return {"cells": cells, "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+
+
+def _problems(tmp_path, markdown: str, *outputs: str) -> list[str]:
+    import json
+
+    path = tmp_path / "nb.ipynb"
+    path.write_text(json.dumps(_nb(markdown, *outputs)))
+    return [p.number for p in cqn.check_notebook(path)]
+
+
+def _checked(markdown: str) -> list[str]:
+    return [q.text for q in cqn.quoted_numbers(markdown) if q.checked]
+
+
+def test_which_numbers_are_checked():
+    text = ("AUROC 0.981 and 0.18; 105.6 s, 12.4 MB, 0.5%, 1.4x, 5.4 times; range 2.3-2.9x; "
+            "not: 3 images, 0.3 of the curve, 1e-6, torch 2.14.1, 6,400 images, T4")
+    assert _checked(text) == ["0.981", "0.18", "105.6", "12.4", "0.5", "1.4", "5.4", "2.3", "2.9"]
+
+
+def test_code_comments_links_and_runtime_line_are_not_prose():
+    text = ("**Run time.** about 1.5 min\n\n`lr=0.001` [a](https://x.org/v0.25) <!-- 0.77 -->\n"
+            "```python\nx = 0.123\n```\n"
+            "```{dropdown} Solution\n:class: tip\nthe AUPRO is 0.935\n```\n"
+            ":::{admonition} Note\nand 0.42\n:::\n")
+    assert _checked(text) == ["0.935", "0.42"]
+
+
+def test_backed_by_rounding(tmp_path):
+    out = "| image_auroc | 0.9957 |\nfit 105.61 s, 0.177, -0.0099, peak 4538.9 MB, share 0.844"
+    text = "0.996, 0.99575 no, 105.6 s, 0.18, 0.0099, 4.5 GB, 84.4%, and 0.997"
+    assert _problems(tmp_path, text, out) == ["0.99575", "0.997"]
+
+
+def test_markers_excuse_exactly_what_they_name(tmp_path):
+    text = "the paper's 80.72 and 28.25, our 0.41 <!-- cited: 80.72 28.25 Table I --> <!-- figure: 0.41 -->"
+    assert _problems(tmp_path, text, "nothing here") == []
+    assert _problems(tmp_path, "80.72 <!-- cited: 80.7 -->", "") == ["80.72", "80.7"]  # wrong and stale
+
+
+def test_stale_marker_is_reported(tmp_path):
+    assert _problems(tmp_path, "no numbers <!-- derived: 0.6 -->", "") == ["0.6"]
