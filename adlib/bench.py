@@ -50,6 +50,7 @@ import torch
 
 from . import kernels
 from .kernels._runtime import _in_threads
+from .kernels.chunked_coreset import DEFAULT_CHUNK_POINTS
 from .kernels.coreset import plain_greedy_coreset
 from .kernels.neighbours import _cpu_tile_sizes
 from .evaluate import PeakMemory
@@ -507,12 +508,10 @@ SIZES = {
     "full": {"knn": [(39200, 16384, 152), (39200, 163840, 152), (39200, 16384, 1536)],
              "coreset": [(n, 152, kind, 1000) for n in (100_000, 300_000, 1_000_000)
                          for kind in ("clustered", "unclustered")],
-             "coreset_chunked": [(100_000, 152, "clustered", 0.1, 32768, True),
-                                 (100_000, 152, "unclustered", 0.1, 32768, True),
-                                 (300_000, 152, "clustered", 0.01, 32768, True),
-                                 (300_000, 152, "unclustered", 0.01, 32768, True),
-                                 (1_000_000, 152, "clustered", 0.1, 32768, False),
-                                 (1_000_000, 152, "unclustered", 0.1, 32768, False)], "mahalanobis": [(209, 100, 56), (209, 550, 56)],
+             "coreset_chunked": [(n, 152, kind, ratio, DEFAULT_CHUNK_POINTS, n < 10**6)
+                                 for n, ratio in ((100_000, 0.1), (300_000, 0.01), (1_000_000, 0.1))
+                                 for kind in ("clustered", "unclustered")],
+             "mahalanobis": [(209, 100, 56), (209, 550, 56)],
              "blobs": [(256, 224)], "stream": [(8, 256), (64, 256)]},
 }
 

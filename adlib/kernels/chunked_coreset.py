@@ -23,8 +23,8 @@ Guarantees, stated for what ships. Malkomes et al. prove a constant factor (4) o
 union; neither variant here has it, because each chunk selects only (``oversample`` times) its
 share (selecting ``K`` per chunk would make the first round quadratic too): an
 adversary can put more distinct patches into one chunk than its share covers, and the radius is
-then unbounded relative to the optimum (seen in ``python -m adlib.bench`` on a mixture of 300
-tight clusters at ``ratio`` 1% with chunks too small for one centre per cluster). What the default
+then unbounded relative to the optimum (measured: 8,000 points in 300 tight clusters, ratio 10%,
+2,000-row chunks, so 200 centres a chunk: 3.7x the exact greedy's radius). What the default
 does guarantee: each chunk's kept prefix is a greedy prefix, so it is within a factor 2 of the best
 covering of that chunk by that many of its points, and every bank point lies within
 :attr:`CoresetStream.radius_bound` (in the projected space) of the selection. The ratio to the
