@@ -43,7 +43,7 @@ def test_sync_tool_reports_every_notebook_in_step():
         nb = json.loads(path.read_text())
         assert nb["metadata"]["accelerator"] == "GPU"
         install = "".join(next(c for c in nb["cells"] if c["cell_type"] == "code")["source"])
-        assert f"adlib-book[" in install and f"@ git+{url}" in install, path.name
+        assert "adlib-book[" in install and f"@ git+{url}" in install, path.name
         assert "colab-badge" not in "".join(nb["cells"][0]["source"])   # Jupyter Book's launch button instead
 
 
