@@ -470,18 +470,20 @@ def imagenet_categories() -> list[str]:
 
 
 def concat_stages(features: dict[int, Tensor], grid: tuple[int, int], mode: str = "bilinear",
-                  aggregate: int = 1) -> Tensor:
+                  aggregate: int = 1, count_zero_border: bool = False) -> Tensor:
     """Stage features ``{stride: (B, C_s, h_s, w_s)}`` -> one map ``(B, sum C_s, *grid)``.
 
     Each stage is first locally aggregated with a ``aggregate x aggregate`` average (PatchCore's
     neighbourhood; 1 = none), then resized to ``grid`` (``mode``: "bilinear" or "nearest"), then
-    all are concatenated along channels in stride order.
+    all are concatenated along channels in stride order. At the border the average covers the
+    real positions only; ``count_zero_border`` counts the zero padding too (anomalib's
+    ``AvgPool2d(3, 1, 1)``, which shrinks border features towards 0).
     """
     maps = []
     for stride in sorted(features):
         x = features[stride]
         if aggregate > 1:
-            x = F.avg_pool2d(x, aggregate, stride=1, padding=aggregate // 2, count_include_pad=False)
+            x = F.avg_pool2d(x, aggregate, stride=1, padding=aggregate // 2, count_include_pad=count_zero_border)
         if tuple(x.shape[-2:]) != tuple(grid):
             x = F.interpolate(x, size=grid, mode=mode, **({"align_corners": False} if mode == "bilinear" else {}))
         maps.append(x)

@@ -27,7 +27,10 @@ uses them).
 ``--only methods`` runs whole methods instead: adlib's and anomalib's own PaDiM and PatchCore on
 the same MVTec category, weights and image size (see :mod:`adlib.peers`), and writes
 ``methods.md`` and ``methods.csv``; ``--train-limit N`` caps the training images (``--quick``: 40),
-``--methods`` picks padim and/or patchcore.
+``--methods`` picks padim and/or patchcore. ``--only patchcore-gap`` measures where the two
+PatchCores' maps differ, one switch at a time over three coreset seeds (see
+:func:`adlib.peers.patchcore_gap_study`; 80 training images, 40 with ``--quick``, unless ``--train-limit``), and writes
+``patchcore_gap.md`` and ``patchcore_gap.csv``.
 """
 
 from __future__ import annotations
@@ -570,19 +573,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m adlib.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (minutes on a laptop CPU)")
     parser.add_argument("--out", type=Path, default=Path("bench_out"))
-    parser.add_argument("--only", nargs="*", choices=["knn", "coreset", "mahalanobis", "blobs", "stream", "methods"])
+    parser.add_argument("--only", nargs="*", choices=["knn", "coreset", "mahalanobis", "blobs", "stream", "methods",
+                                                       "patchcore-gap"])
     parser.add_argument("--device", default=None)
-    parser.add_argument("--category", default="bottle", help="MVTec AD category for --only methods")
+    parser.add_argument("--category", default="bottle", help="MVTec AD category for --only methods / patchcore-gap")
     parser.add_argument("--methods", nargs="*", choices=["padim", "patchcore"], default=["padim", "patchcore"],
                         help="which methods --only methods compares")
-    parser.add_argument("--train-limit", type=int, default=None, help="training images for --only methods")
+    parser.add_argument("--train-limit", type=int, default=None, help="training images for --only methods (default all; --quick 40) / patchcore-gap (default 80; --quick 40)")
     args = parser.parse_args(argv)
     device = default_device(args.device)
     print(f"device: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     if args.only and "methods" in args.only:
         train_limit = args.train_limit if args.train_limit is not None else (40 if args.quick else None)
         run_methods(args.category, tuple(args.methods), train_limit, device, args.out)
-        args.only = [k for k in args.only if k != "methods"]
+    if args.only and "patchcore-gap" in args.only:
+        train_limit = args.train_limit if args.train_limit is not None else (40 if args.quick else 80)
+        run_patchcore_gap(args.category, train_limit, device, args.out)
+    if args.only:
+        args.only = [k for k in args.only if k not in ("methods", "patchcore-gap")]
         if not args.only:
             return 0
     rows = run(args.quick, args.only, device)
@@ -612,6 +620,32 @@ def run_methods(category: str, methods: tuple[str, ...], train_limit: int | None
                                     f"\n\n{table}\n")
     with open(out / "methods.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=METHOD_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows
+
+
+GAP_COLUMNS = ["input", "border", "image_auroc", "pixel_auroc", "pixel_auroc_min", "pixel_auroc_max", "aupro",
+               "aupro_min", "aupro_max", "max_feature_diff_to_anomalib", "n_train"]
+
+
+def run_patchcore_gap(category: str, train_limit: int, device: torch.device, out: Path) -> list[dict]:
+    """Where adlib's and anomalib's PatchCore differ (:func:`adlib.peers.patchcore_gap_study`);
+    writes patchcore_gap.md/csv."""
+    from .peers import patchcore_gap_study
+
+    rows = [{**r, "n_train": train_limit} for r in
+            patchcore_gap_study(category, train_limit=train_limit, device=str(device))]
+    lines = ["| " + " | ".join(GAP_COLUMNS) + " |", "|" + "---|" * len(GAP_COLUMNS)]
+    lines += ["| " + " | ".join("n/a" if r[k] is None else f"{r[k]:.4f}" if isinstance(r[k], float) else str(r[k])
+                                for k in GAP_COLUMNS) + " |" for r in rows]
+    table = "\n".join(lines)
+    print(table)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "patchcore_gap.md").write_text(f"device: {device}, torch {torch.__version__}, threads "
+                                          f"{torch.get_num_threads()}, category {category}\n\n{table}\n")
+    with open(out / "patchcore_gap.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=GAP_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     return rows

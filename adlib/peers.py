@@ -32,7 +32,7 @@ from .evaluate import evaluate
 from .settings import default_device
 
 __all__ = ["timm_name", "lukemelas_to_timm", "timm_weights_file", "local_timm_weights", "AnomalibPatchCore",
-           "AnomalibPaDiM", "compare_methods"]
+           "AnomalibPaDiM", "compare_methods", "patchcore_gap_study", "GAP_VARIANTS"]
 
 
 def timm_name(backbone: str) -> str:
@@ -205,3 +205,96 @@ def compare_methods(category: str = "bottle", root: str | os.PathLike | None = N
             print(f"  {library:8s} {method:9s} image {rows[-1]['image_auroc']:.3f} pixel {rows[-1]['pixel_auroc']:.3f} "
                   f"fit {rows[-1]['fit_s']:.1f} s, {rows[-1]['ms_per_image']:.0f} ms/img", flush=True)
     return rows
+
+
+#: The two feature-level differences between adlib's and anomalib's PatchCore, one switch each:
+#: ``input``: how the ImageNet-normalized images reach the backbone ("own": mapped onto the
+#: normalization the weights were trained with, as :class:`~adlib.backbones.FeatureExtractor` does;
+#: "imagenet": fed as they are, as anomalib feeds every timm backbone); ``border``: the 3x3 local
+#: average at the border over the real positions ("valid") or with the zero padding counted ("zeros").
+GAP_VARIANTS = (("own", "valid"), ("own", "zeros"), ("imagenet", "valid"), ("imagenet", "zeros"))
+
+
+def patchcore_gap_study(category: str = "bottle", root: str | os.PathLike | None = None, image_size: int = 256,
+                        train_limit: int | None = 80, seeds: tuple[int, ...] = (0, 1, 2),
+                        device: str | None = None) -> list[dict[str, Any]]:
+    """Where adlib's and anomalib's PatchCore maps differ: adlib's PatchCore (10% exact coreset, bilinear
+    upsampling, sigma 4) with each combination of :data:`GAP_VARIANTS`, over several coreset ``seeds``
+    (the spread a seed alone makes). One row per variant: image/pixel AUROC and AUPRO (mean, min, max
+    over seeds), and, when anomalib is installed, the largest absolute difference of its patch
+    features ``(N, 152)`` from anomalib's on the first 16 training images (0 up to float rounding: the
+    same features)."""
+    from .kernels import greedy_coreset, knn
+    from .metrics import aupro, auroc, pixel_auroc
+    from .data import load_split
+    from .detectors.base import upsample_and_smooth
+    from .backbones import concat_stages
+
+    train = MVTecDataset(root, category, "train", image_size=image_size, limit=train_limit)
+    test = MVTecDataset(root, category, "test", image_size=image_size)
+    train_images, _, _ = load_split(train)
+    test_images, test_masks, test_labels = load_split(test)
+    detector = get_detector("patchcore", device=device)
+    extractor = detector.extractor
+    own = (extractor.scale.clone(), extractor.shift.clone())
+    reference = _anomalib_patch_features(train_images[:16], device) if _has_anomalib() else None
+
+    def patches(images: Tensor, variant: tuple[str, str]) -> tuple[Tensor, tuple[int, int]]:
+        """``(B, 3, H, W)`` -> patch features ``(B * h * w, D)`` under ``variant``, and the grid ``(h, w)``."""
+        rows = []
+        for batch in images.split(16):
+            feats = extractor(batch.to(extractor.device))
+            grid = tuple(feats[min(feats)].shape[-2:])
+            emb = concat_stages(feats, grid, "bilinear", detector.patch_size, count_zero_border=variant[1] == "zeros")
+            rows.append(emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1]))
+        return torch.cat(rows), grid
+
+    results = []
+    try:
+        for variant in GAP_VARIANTS:
+            with torch.no_grad():
+                if variant[0] == "imagenet":
+                    extractor.scale.fill_(1.0)
+                    extractor.shift.fill_(0.0)
+                else:
+                    extractor.scale.copy_(own[0])
+                    extractor.shift.copy_(own[1])
+                bank, _ = patches(train_images, variant)
+                queries, grid = patches(test_images, variant)
+                diff = (None if reference is None else
+                        float((patches(train_images[:16], variant)[0].cpu() - reference).abs().max()))
+                runs = []
+                for seed in seeds:
+                    dist, _ = knn(queries, bank[greedy_coreset(bank, 0.1, seed=seed)], k=1)
+                    grid_scores = dist[:, 0].view(len(test_images), *grid)
+                    maps = upsample_and_smooth(grid_scores, tuple(test_images.shape[-2:]), detector.sigma).cpu()
+                    runs.append({"image_auroc": auroc(grid_scores.amax((1, 2)).cpu(), test_labels),
+                                 "pixel_auroc": pixel_auroc(maps, test_masks), "aupro": aupro(maps, test_masks)})
+            row: dict[str, Any] = {"input": variant[0], "border": variant[1], "max_feature_diff_to_anomalib": diff}
+            for key in ("image_auroc", "pixel_auroc", "aupro"):
+                values = [r[key] for r in runs]
+                row.update({key: sum(values) / len(values), f"{key}_min": min(values), f"{key}_max": max(values)})
+            print(f"  input {variant[0]:8s} border {variant[1]:5s}: pixel AUROC {row['pixel_auroc']:.4f}, "
+                  f"AUPRO {row['aupro']:.4f} (seeds {list(seeds)})", flush=True)
+            results.append(row)
+    finally:
+        extractor.scale.copy_(own[0])
+        extractor.shift.copy_(own[1])
+    return results
+
+
+def _has_anomalib() -> bool:
+    try:
+        import anomalib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _anomalib_patch_features(images: Tensor, device: str | None) -> Tensor:
+    """anomalib's PatchCore patch features ``(B * h * w, D)`` of ``images (B, 3, H, W)`` (its training-mode output)."""
+    peer = AnomalibPatchCore(device=device)
+    model = peer._new_model()
+    model.train()
+    with torch.no_grad():
+        return model(images.to(peer._device)).detach().cpu()

@@ -145,6 +145,23 @@ def test_coreset_switches_between_pruning_and_dense_steps_exactly():
     assert result.radius == pytest.approx(float(knn(x, x[result.selected])[0].max()), rel=1e-5)
 
 
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_coreset_device_path_selects_as_the_plain_loop(device):
+    """The sync-free all-dense greedy that runs off the CPU (checked here on the CPU too): the plain
+    loop's selection on the same device, radii that never grow, the covering radius."""
+    x = coreset.random_projection(_clustered(4000, 48, seed=9), 16, seed=5).to(device)
+    result = coreset.greedy_dense_on_device(x, 300, start=11)
+    plain = plain_greedy_coreset(x, 300, proj_dim=0, start=11)
+    assert torch.equal(result.selected.cpu(), plain.cpu())
+    assert result.dense == 299 and result.pruned == 0
+    assert result.selected.device == x.device and result.radii.dtype == torch.float64 and result.radii.device.type == "cpu"
+    assert torch.equal(result.radii, coreset.greedy_projected(x.cpu(), 300, start=11).radii)   # as the CPU path
+    assert torch.isinf(result.radii[0]) and bool((result.radii[1:-1] >= result.radii[2:]).all())
+    assert result.radius == pytest.approx(float(knn(x.cpu(), x.cpu()[result.selected.cpu()])[0].max()), rel=1e-5)
+    if device != "cpu":
+        assert torch.equal(coreset.greedy_projected(x, 300, start=11).selected.cpu(), plain.cpu())
+
+
 def test_coreset_pruning_on_principal_directions_selects_as_the_plain_loop():
     """Clusters on a 6-d subspace of 48 dims, far from the origin: the pruning test's centre
     distances run on a few principal directions (a lower bound) and must still skip no point that

@@ -40,3 +40,52 @@ def test_mapping_refuses_mismatched_state_and_unknown_backbones(tmp_path):
         timm_name("resnet50")
     first = timm_weights_file("efficientnet_lite0", cache_dir=tmp_path)
     assert timm_weights_file("efficientnet_lite0", cache_dir=tmp_path) == first  # written once
+
+
+def test_gap_study_baseline_is_adlibs_patchcore_and_switches_change_features(synthetic_root, monkeypatch):
+    """The study's ("own", "valid") row is adlib's PatchCore (exact 10% coreset, seed 0); the switches
+    change the features (so the other rows are not the baseline by accident); the extractor's input
+    map is restored afterwards."""
+    from adlib import evaluate, get_detector
+    from adlib.backbones import concat_stages
+    from adlib.data import MVTecDataset
+    from adlib.peers import GAP_VARIANTS, patchcore_gap_study
+
+    import adlib.peers
+    from adlib.backbones import input_affine
+
+    built = []
+
+    def capture(*args, **kwargs):
+        built.append(get_detector(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(adlib.peers, "get_detector", capture)
+    rows = patchcore_gap_study("synthetic", root=synthetic_root, image_size=64, train_limit=12, seeds=(0,),
+                               device="cpu")
+    scale, shift = input_affine("efficientnet_lite0")
+    assert torch.equal(built[0].extractor.scale, scale) and torch.equal(built[0].extractor.shift, shift)
+    assert [(r["input"], r["border"]) for r in rows] == list(GAP_VARIANTS)
+    for r in rows:
+        assert 0.0 <= r["pixel_auroc_min"] <= r["pixel_auroc"] <= r["pixel_auroc_max"] <= 1.0
+    train = MVTecDataset(synthetic_root, "synthetic", "train", image_size=64, limit=12)
+    test = MVTecDataset(synthetic_root, "synthetic", "test", image_size=64)
+    detector = get_detector("patchcore", coreset="exact", device="cpu")
+    reference = evaluate(detector, test, train, progress=False).metrics
+    assert rows[0]["pixel_auroc"] == pytest.approx(reference["pixel_auroc"], abs=1e-6)
+    assert rows[0]["aupro"] == pytest.approx(reference["aupro"], abs=1e-6)
+
+    feats = {8: detector.extractor(torch.rand(1, 3, 64, 64))[8]}   # one stage: no resize mixes the border in
+    valid = concat_stages(feats, (8, 8), aggregate=3)
+    zeros = concat_stages(feats, (8, 8), aggregate=3, count_zero_border=True)
+    assert torch.allclose(valid[..., 1:-1, 1:-1], zeros[..., 1:-1, 1:-1])
+    assert not torch.allclose(valid[..., 0, :], zeros[..., 0, :])
+
+
+def test_border_average_counts_the_zero_padding_only_when_asked():
+    from adlib.backbones import concat_stages
+
+    ones = {8: torch.ones(1, 1, 4, 4)}
+    assert torch.equal(concat_stages(ones, (4, 4), aggregate=3), torch.ones(1, 1, 4, 4))
+    zeros = concat_stages(ones, (4, 4), aggregate=3, count_zero_border=True)[0, 0]
+    assert zeros[0, 0] == pytest.approx(4 / 9) and zeros[0, 1] == pytest.approx(6 / 9) and zeros[1, 1] == 1.0
