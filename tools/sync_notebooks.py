@@ -66,7 +66,8 @@ def runtime_line(meta: dict) -> str:
         parts.append(f"about {gpu} min on one GPU ({meta.get('gpu_name', 'an NVIDIA H200')})")
     if not parts:
         return ""
-    return (f"{RUNTIME_PREFIX} The whole chapter, as stored here: {' and '.join(parts)}. "
+    gpu_note = "" if gpu is not None else " Its GPU run time is not measured yet."
+    return (f"{RUNTIME_PREFIX} The whole chapter, as stored here: {' and '.join(parts)}.{gpu_note} "
             f"In Colab, pick *Runtime > Change runtime type > GPU* (the notebook asks for one).")
 
 
