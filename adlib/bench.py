@@ -610,19 +610,25 @@ def run_methods(category: str, methods: tuple[str, ...], train_limit: int | None
     from .peers import compare_methods
 
     rows = compare_methods(category, train_limit=train_limit, device=str(device), methods=methods)
-    lines = ["| " + " | ".join(METHOD_COLUMNS) + " |", "|" + "---|" * len(METHOD_COLUMNS)]
-    lines += ["| " + " | ".join(f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]) for k in METHOD_COLUMNS)
-              + " |" for r in rows]
+    write_table(rows, METHOD_COLUMNS, out / "methods", f"device: {device}, torch {torch.__version__}, "
+                f"threads {torch.get_num_threads()}", digits=3)
+    return rows
+
+
+def write_table(rows: list[dict], columns: list[str], stem: Path, header: str, digits: int) -> None:
+    """Print ``rows`` as a markdown table of ``columns`` (floats to ``digits`` decimals, None as n/a)
+    and write it to ``stem.md`` under ``header``, and the rows to ``stem.csv``."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join("n/a" if r[k] is None else f"{r[k]:.{digits}f}" if isinstance(r[k], float)
+                                else str(r[k]) for k in columns) + " |" for r in rows]
     table = "\n".join(lines)
     print(table)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "methods.md").write_text(f"device: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}"
-                                    f"\n\n{table}\n")
-    with open(out / "methods.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=METHOD_COLUMNS)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".md").write_text(f"{header}\n\n{table}\n")
+    with open(stem.with_suffix(".csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    return rows
 
 
 GAP_COLUMNS = ["input", "border", "image_auroc", "pixel_auroc", "pixel_auroc_min", "pixel_auroc_max", "aupro",
@@ -636,18 +642,8 @@ def run_patchcore_gap(category: str, train_limit: int, device: torch.device, out
 
     rows = [{**r, "n_train": train_limit} for r in
             patchcore_gap_study(category, train_limit=train_limit, device=str(device))]
-    lines = ["| " + " | ".join(GAP_COLUMNS) + " |", "|" + "---|" * len(GAP_COLUMNS)]
-    lines += ["| " + " | ".join("n/a" if r[k] is None else f"{r[k]:.4f}" if isinstance(r[k], float) else str(r[k])
-                                for k in GAP_COLUMNS) + " |" for r in rows]
-    table = "\n".join(lines)
-    print(table)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "patchcore_gap.md").write_text(f"device: {device}, torch {torch.__version__}, threads "
-                                          f"{torch.get_num_threads()}, category {category}\n\n{table}\n")
-    with open(out / "patchcore_gap.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=GAP_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    write_table(rows, GAP_COLUMNS, out / "patchcore_gap", f"device: {device}, torch {torch.__version__}, threads "
+                f"{torch.get_num_threads()}, category {category}", digits=4)
     return rows
 
 

@@ -80,3 +80,15 @@ def test_chunked_coreset_row_reports_time_and_radius_against_exact(capsys):
     assert "(projected space)" in capsys.readouterr().out
     (alone,) = bench.bench_chunked_coreset(8000, 24, "unclustered", 0.1, 2000, False, torch.device("cpu"))
     assert alone["adlib_s"] > 0 and alone["peer_s"] is None and "not run" in alone["peer"]
+
+
+def test_write_table_writes_markdown_and_csv_with_missing_values(tmp_path, capsys):
+    rows = [{"name": "a", "value": 0.123456, "missing": None}, {"name": "b", "value": 2.0, "missing": 1.5}]
+    bench.write_table(rows, ["name", "value", "missing"], tmp_path / "out" / "table", "device: cpu", digits=3)
+    md = (tmp_path / "out" / "table.md").read_text()
+    assert md.startswith("device: cpu\n\n| name | value | missing |")
+    assert "| a | 0.123 | n/a |" in md and "| b | 2.000 | 1.500 |" in md
+    assert "| a | 0.123 | n/a |" in capsys.readouterr().out
+    with open(tmp_path / "out" / "table.csv") as f:
+        read = list(csv.DictReader(f))
+    assert [r["name"] for r in read] == ["a", "b"] and read[0]["missing"] == "" and float(read[0]["value"]) == 0.123456
