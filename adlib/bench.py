@@ -218,10 +218,6 @@ def bench_knn(n_query: int, n_bank: int, dim: int, device: torch.device, repeat:
 # Coreset
 # ---------------------------------------------------------------------------------------------
 
-def _coverage_radius(features: torch.Tensor, chosen: torch.Tensor) -> float:
-    return float(kernels.knn(features, features[chosen])[0].max())
-
-
 def _approximate_greedy(features: torch.Tensor, n: int, proj_dim: int, seed: int, n_start: int = 10) -> torch.Tensor:
     """patchcore-inspection's approximate greedy coreset, written from its description: the
     distances start as the mean distance to a few random points, then the greedy loop runs on
@@ -263,7 +259,7 @@ def _peer_row(name: str, size: str, ours: Timing, run: Callable[[int], torch.Ten
     :data:`CORESET_STEPS` steps timed and scaled to ``n`` (no radius), said in the peer's name."""
     if features.shape[0] * n <= PEER_FULL_WORK:
         t = measure(lambda: run(n), device, 1)
-        return _row("coreset", name, size, ours, t, (_coverage_radius(features, t.result) - radius) / radius)
+        return _row("coreset", name, size, ours, t, (kernels.covering_radius(features, t.result) - radius) / radius)
     t = measure(lambda: run(CORESET_STEPS), device, 1)
     scaled = Timing(t.seconds * n / CORESET_STEPS, t.peak_mb, t.result)
     return _row("coreset", f"{name} (time of {CORESET_STEPS} steps x {n / CORESET_STEPS:g})", size, ours, scaled, None)
@@ -275,7 +271,7 @@ def bench_coreset(n_points: int, dim: int, kind: str, n: int, device: torch.devi
     features = coreset_features(n_points, dim, kind).to(device)
     size = f"N={n_points} D={dim} n={n} {kind}"
     ours = measure(lambda: kernels.greedy_coreset(features, n=n, proj_dim=128), device, 1)
-    radius = _coverage_radius(features, ours.result)
+    radius = kernels.covering_radius(features, ours.result)
     rows = [_peer_row("plain greedy loop", size, ours, lambda m: plain_greedy_coreset(features, m, proj_dim=128),
                       features, n, radius, device)]
     if n_points * n > PEER_FULL_WORK:       # the same selection: its first steps agree with ours
@@ -313,7 +309,7 @@ def bench_chunked_coreset(n_points: int, dim: int, kind: str, ratio: float, chun
         return [_row(kernel, "exact greedy (adlib; not run: K * N distances)", size, chunked, None, None)]
     exact = measure(lambda: kernels.greedy_coreset(features, n=n, proj_dim=128), device, 1)
     projected = kernels.random_projection(features, 128, 0)
-    ratios = {space: _coverage_radius(x, chunked.result) / _coverage_radius(x, exact.result)
+    ratios = {space: kernels.covering_radius(x, chunked.result) / kernels.covering_radius(x, exact.result)
               for space, x in (("original", features), ("projected", projected))}
     print(f"  chunked {chunked.seconds:.1f} s vs exact {exact.seconds:.1f} s; covering radius chunked / exact: "
           f"{ratios['original']:.3f} (original space), {ratios['projected']:.3f} (projected space)")

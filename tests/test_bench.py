@@ -56,7 +56,7 @@ def test_approximate_greedy_peer_returns_distinct_points():
     chosen = bench._approximate_greedy(x, 60, proj_dim=0, seed=0)
     assert chosen.unique().numel() == 60
     first_60 = torch.arange(60)                                                   # an arbitrary subset
-    assert bench._coverage_radius(x, chosen) < 0.8 * bench._coverage_radius(x, first_60)
+    assert kernels.covering_radius(x, chosen) < 0.8 * kernels.covering_radius(x, first_60)
 
 
 @pytest.mark.parametrize("kind", ["clustered", "unclustered"])

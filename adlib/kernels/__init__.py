@@ -26,11 +26,11 @@ from ._lapack import lapack_available
 from ._runtime import DEFAULT_BUDGET_MB
 from .blobs import BlobParams, blob_score, gmm_blobs, paint_blobs
 from .chunked_coreset import CoresetStream, MemoryBudgetError, chunked_greedy_coreset
-from .coreset import greedy_coreset, random_projection
+from .coreset import covering_radius, greedy_coreset, random_projection
 from .gaussian import GaussianAccumulator, PositionGaussians, mahalanobis
 from .neighbours import knn
 
-__all__ = ["knn", "greedy_coreset", "random_projection", "chunked_greedy_coreset", "CoresetStream",
+__all__ = ["knn", "greedy_coreset", "covering_radius", "random_projection", "chunked_greedy_coreset", "CoresetStream",
            "MemoryBudgetError", "GaussianAccumulator", "PositionGaussians",
            "mahalanobis", "gmm_blobs", "paint_blobs", "blob_score", "BlobParams", "DEFAULT_BUDGET_MB",
            "lapack_available"]

@@ -68,3 +68,17 @@ def _in_threads(n_items: int, chunk: int, work: Callable[[int, int], None]) -> N
         else:
             with ThreadPoolExecutor(n_threads) as pool:
                 list(pool.map(run, [starts[i::n_threads] for i in range(n_threads)]))
+
+
+@contextlib.contextmanager
+def single_threaded_blas(torch_threads: int | None = None) -> Iterator[None]:
+    """The BLAS single-threaded inside (a process-wide setting), and torch's CPU thread count set to
+    ``torch_threads`` (None: left as is) and restored after, also when code inside changed it."""
+    saved = torch.get_num_threads()
+    if torch_threads is not None:
+        torch.set_num_threads(torch_threads)
+    try:
+        with threadpool_limits(1, user_api="blas"):
+            yield
+    finally:
+        torch.set_num_threads(saved)

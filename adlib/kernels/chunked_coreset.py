@@ -50,17 +50,14 @@ as one process computes.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
-from threadpoolctl import threadpool_limits
 from torch import Tensor
 
-from ._runtime import _check_matrix
+from ._runtime import _check_matrix, single_threaded_blas
 from .coreset import (STATE_BYTES_PER_POINT, _coreset_size, _seeded_start, greedy_projected, project_blocks,
                       projection_matrix)
 
@@ -145,19 +142,6 @@ def merge_by_radius(chunks: list[ChunkCoreset], size: int) -> list[int]:
     owner = torch.cat([torch.full((c.radii.numel(),), i, dtype=torch.long) for i, c in enumerate(chunks)])
     top = torch.sort(radii, descending=True, stable=True).indices[:size]
     return torch.bincount(owner[top], minlength=len(chunks)).tolist()
-
-
-@contextlib.contextmanager
-def _threads_section() -> Iterator[None]:
-    """Around parallel chunk reductions: the BLAS single-threaded for all (a process-wide setting,
-    so set once here rather than in each thread) and torch's thread count restored after (the
-    threads set theirs to 1)."""
-    saved = torch.get_num_threads()
-    try:
-        with threadpool_limits(1, user_api="blas"):
-            yield
-    finally:
-        torch.set_num_threads(saved)
 
 
 class CoresetStream:
@@ -330,7 +314,7 @@ class CoresetStream:
         else:
             if self.pool is None:
                 self.pool = ThreadPoolExecutor(self.threads, initializer=torch.set_num_threads, initargs=(1,))
-            with _threads_section():
+            with single_threaded_blas():   # each thread sets its torch threads to 1
                 results = list(self.pool.map(lambda job: reduce_chunk(*job), jobs))
         for result in results:
             self._keep(result)

@@ -13,17 +13,16 @@ For banks too large for one greedy (its cost is ``n * N``, quadratic at a fixed 
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
-from threadpoolctl import threadpool_limits
 from torch import Tensor
 
-from ._runtime import _check_matrix, _exact_fp32
+from ._runtime import _check_matrix, _exact_fp32, single_threaded_blas
+from .neighbours import knn
 
 #: A pruning step is taken when at most this fraction of the points pass its test; above it, the
 #: dense step is cheaper (measured on 2 AMD EPYC cores, 214,016 x 128: a passing point costs a
@@ -111,6 +110,13 @@ def greedy_coreset(features: Tensor, ratio: float | None = None, n: int | None =
         return greedy_projected(x, size, start, progress=progress).selected
 
 
+def covering_radius(features: Tensor, chosen: Tensor) -> float:
+    """The largest distance of any of ``features (N, D)`` to its nearest selected row
+    ``features[chosen]`` (``chosen (K,)`` indices): how far the coreset leaves a bank point (exact
+    k-NN over all ``N``, memory bounded)."""
+    return float(knn(features, features[chosen])[0].max())
+
+
 @dataclass
 class GreedyResult:
     """What :func:`greedy_projected` returns: ``selected (n,)`` int64 in selection order;
@@ -160,7 +166,10 @@ def greedy_projected(x: Tensor, size: int, start: int, progress: bool = False) -
     if x.device.type != "cpu":
         with torch.no_grad(), _exact_fp32():
             return greedy_dense_on_device(x.contiguous(), size, start, progress)
-    with torch.no_grad(), _exact_fp32(), _one_cpu_thread():
+    # One thread for torch and the BLAS: a step is many small operations and one memory-bound
+    # product; a parallel region per operation costs more than it saves (measured 4x slower with 2
+    # threads on a loaded 2-core machine, where a region waits for a busy core).
+    with torch.no_grad(), _exact_fp32(), single_threaded_blas(torch_threads=1):
         state = _GreedyState(x.contiguous(), size, start)
         iterator = range(1, size)
         if progress:
@@ -200,20 +209,6 @@ def greedy_dense_on_device(x: Tensor, size: int, start: int, progress: bool = Fa
         torch.minimum(dist, (x - x.index_select(0, new)).pow_(2).sum(1).sqrt_(), out=dist)
     radius = float(dist.max()) if n_points else 0.0
     return GreedyResult(selected, radii.cpu().double(), radius, 0, size - 1, x.shape[1])
-
-
-@contextlib.contextmanager
-def _one_cpu_thread() -> Iterator[None]:
-    """One thread for torch's CPU ops and the BLAS inside: a step is many small operations and one
-    memory-bound product, and a parallel region per operation costs more than it saves (measured
-    4x slower with 2 threads on a loaded 2-core machine, where a region waits for a busy core)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with threadpool_limits(1, user_api="blas"):
-            yield
-    finally:
-        torch.set_num_threads(saved)
 
 
 class _GreedyState:
