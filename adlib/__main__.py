@@ -11,6 +11,9 @@
 - ``pretrain centering --data ROOT --category CAT --out FILE``: fine-tunes a backbone on the
   category's normal images and writes it as one backbone file that ``--backbone`` accepts; under
   ``torchrun --nproc-per-node K`` it trains data-parallel.
+- ``compare --methods M... --data D... --out DIR``: every method on every data set (MVTec AD
+  categories, ELPV's ``elpv_mono``/``elpv_poly``), several seeds where fitting is random; writes
+  ``compare_runs.csv``, ``compare.csv`` and ``compare.md`` (mean ± std over seeds).
 - ``pretrain semi_formula --data ROOT --category CAT --images N --out FILE``: pre-trains a backbone
   on N Gaussian-mixture anomalies streamed from the category's normal images (also under torchrun).
 
@@ -93,7 +96,61 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", type=Path, default=None, help="write the metrics here as JSON")
     ev.add_argument("--save", type=Path, default=None, help="save the fitted detector (safetensors)")
     _add_pretrain(sub)
+    _add_compare(sub)
     return parser
+
+
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    from .compare import METHODS
+
+    c = sub.add_parser("compare", parents=[_common()],
+                       help="every method on every data set, with seeds: CSV and Markdown tables")
+    c.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, metavar="METHOD",
+                   help=f"default: all of {', '.join(METHODS)}")
+    c.add_argument("--data", nargs="+", default=["bottle", "elpv_mono"], metavar="DATA",
+                   help="MVTec AD categories (under --root) and/or elpv_mono, elpv_poly (default: bottle elpv_mono)")
+    c.add_argument("--root", default=None, help="MVTec AD data root (default: ADLIB_DATA, ...)")
+    c.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the methods that draw random numbers")
+    c.add_argument("--image-size", type=_positive_int, default=256)
+    c.add_argument("--train-limit", type=_positive_int, default=None, help="fit on the first N training images")
+    c.add_argument("--test-limit", type=_positive_int, default=None, help="the first N images of each test folder")
+    c.add_argument("--device", default=None, help="cuda or cpu (default: ADLIB_DEVICE, else automatic)")
+    c.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                   help="a method's option, e.g. autoencoder.epochs=30 or semi_formula.images=800 (repeatable)")
+    c.add_argument("--out", type=Path, required=True, help="folder for compare_runs.csv, compare.csv, compare.md")
+
+
+def _compare_options(items: list[str]) -> dict[str, dict]:
+    """``--set METHOD.KEY=VALUE`` items -> per-method options, names and types checked."""
+    from .compare import method_options
+
+    options: dict[str, dict] = {}
+    for item in items:
+        target, sep, text = item.partition("=")
+        method, dot, key = target.partition(".")
+        if not sep or not dot or not key:
+            raise ValueError(f"--set expects METHOD.KEY=VALUE, got {item!r}")
+        defaults = method_options(method)
+        if key not in defaults or key == "seed":
+            raise ValueError(f"--set {target}: {method} has no such option; it has "
+                             f"{sorted(k for k in defaults if k != 'seed')} (seeds come from --seeds)")
+        options.setdefault(method, {})[key] = _typed(target, text, defaults[key])
+    return options
+
+
+def run_compare(args: argparse.Namespace) -> list[dict]:
+    from .compare import CompareConfig, compare, write_results
+
+    _check_writable_folder(args.out, "--out")
+    _device(args.device)
+    config = CompareConfig(image_size=args.image_size, train_limit=args.train_limit, test_limit=args.test_limit,
+                           seeds=tuple(dict.fromkeys(args.seeds)), device=args.device,
+                           options=_compare_options(args.set))
+    rows = compare(args.methods, args.data, config, root=args.root)
+    paths = write_results(rows, args.out)
+    print(paths["markdown"].read_text(), end="")
+    print(f"adlib compare: {len(rows)} runs -> {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
+    return rows
 
 
 def _add_method_options(p: argparse.ArgumentParser) -> None:
@@ -498,7 +555,8 @@ def _write_heatmaps(files: list[Path], detector, maps, threshold: float | None, 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"fit": run_fit, "predict": run_predict, "evaluate": run_evaluate, "pretrain": run_pretrain}
+    commands = {"fit": run_fit, "predict": run_predict, "evaluate": run_evaluate, "pretrain": run_pretrain,
+                "compare": run_compare}
     try:
         commands[args.command](args)
     except (ValueError, TypeError, KeyError, OSError, ImportError, DataError, RuntimeError) as err:

@@ -302,7 +302,9 @@ class MVTecDataset(Dataset):
         crop_size: side of the center crop, or None for no crop.
         normalize: apply ImageNet normalization.
         limit: keep only the first ``limit`` images of each defect folder (small runs).
-        missing_masks: ``"error"`` (default) or ``"skip"`` defective test images without a mask.
+        missing_masks: what to do with a defective test image that has no mask: ``"error"`` (default),
+            ``"skip"`` it, or ``"none"``: keep it with an all-zero mask, for image-level data sets such as
+            ELPV (:attr:`has_masks` is then False and :func:`adlib.evaluate` reports no pixel metrics).
         value_range: how 16-bit, 32-bit and float files map to [0, 1] (default: by their type; see
             :func:`_scale_high_bit`).
     """
@@ -313,8 +315,8 @@ class MVTecDataset(Dataset):
                  value_range: tuple[float, float] | None = None):
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        if missing_masks not in ("error", "skip"):
-            raise ValueError(f"missing_masks must be 'error' or 'skip', got {missing_masks!r}")
+        if missing_masks not in ("error", "skip", "none"):
+            raise ValueError(f"missing_masks must be 'error', 'skip' or 'none', got {missing_masks!r}")
         if crop_size is not None and crop_size > image_size:
             raise ValueError(f"crop_size {crop_size} is larger than image_size {image_size}")
         self.root = find_data_root(root)
@@ -355,6 +357,9 @@ class MVTecDataset(Dataset):
                 if not mask.is_file():
                     if missing_masks == "skip":
                         continue
+                    if missing_masks == "none":
+                        entries.append(_Entry(path, None, defect_dir.name))
+                        continue
                     raise DataError(f"{path}: defective test image has no mask at {mask} "
                                     f"(pass missing_masks='skip', CLI --missing-masks skip, to leave such images out)")
                 entries.append(_Entry(path, mask, defect_dir.name))
@@ -370,6 +375,11 @@ class MVTecDataset(Dataset):
     def labels(self) -> Tensor:
         """``(N,)`` int64: 1 for defective images."""
         return torch.tensor([int(e.defect != "good") for e in self.entries])
+
+    @property
+    def has_masks(self) -> bool:
+        """Whether every defective image has a defect mask (pixel metrics are then defined)."""
+        return all(e.mask is not None for e in self.entries if e.defect != "good")
 
     @property
     def defects(self) -> list[str]:
@@ -925,6 +935,9 @@ class DataChoice:
     reason: str = ""
 
     def describe(self) -> str:
+        if self.real and self.category.startswith("elpv_"):
+            return (f"real ELPV solar cells '{self.category}' from {display_path(self.root)} "
+                    f"(CC BY-NC-SA 4.0, Buerhop-Lutz et al. 2018; image labels only, no masks)")
         if self.real:
             return (f"real MVTec AD '{self.category}' from {display_path(self.root)} "
                     f"(CC BY-NC-SA 4.0, MVTec Software GmbH)")
@@ -995,6 +1008,9 @@ def choose_data(category: str = "bottle", root: str | os.PathLike | None = None,
     """The data to run on: real MVTec AD ``category`` when it can be had, else a synthetic stand-in
     that never goes unannounced.
 
+    ELPV's cell types (``"elpv_mono"``, ``"elpv_poly"``) come from the installed PyPI package
+    ``elpv-dataset``, prepared once in the MVTec AD layout by :func:`adlib.elpv.prepare_elpv`.
+
     1. Real data already there is used: under :func:`find_data_root` (``root``, ``ADLIB_DATA``,
        ``../shared/data/mvtec_ad``), or, without ``root`` and ``ADLIB_DATA``, the user cache.
     2. Else, with ``download=True``, :func:`download_mvtec` fetches this one category (bottle: about
@@ -1012,6 +1028,15 @@ def choose_data(category: str = "bottle", root: str | os.PathLike | None = None,
         raise ValueError(f"synthetic must be 'fallback', 'never' or 'always', got {synthetic!r}")
     if synthetic == "always":
         reason = "synthetic='always' was asked for"
+    elif category.startswith("elpv_"):
+        from .elpv import prepare_elpv   # ELPV installs with pip (elpv-dataset); no download here
+
+        try:
+            return DataChoice(prepare_elpv(category), category, True, category)
+        except DataError as err:
+            if synthetic == "never":
+                raise
+            reason = str(err).splitlines()[0]
     else:
         found = find_data_root(root)
         places = [found] + ([user_cache_root()] if root is None and not os.environ.get("ADLIB_DATA") else [])

@@ -149,7 +149,8 @@ def evaluate(detector: Detector, test: MVTecDataset, train: MVTecDataset | Itera
     ``aupro``, ``f1_max``, ``fpr95``, ``ap`` (the last three at image level), ``pixel_fpr95``,
     ``pixel_ap`` (over all pixels), ``fit_s``,
     ``ms_per_image`` (inference, excluding data loading), ``peak_mem_mb`` (see
-    :class:`PeakMemory`), ``n_train`` and ``n_test``.
+    :class:`PeakMemory`), ``n_train`` and ``n_test``. On a test split without defect masks
+    (``test.has_masks`` False, e.g. ELPV) the pixel metrics are NaN.
     """
     device = _device_of(detector)
     n_train = 0
@@ -179,13 +180,17 @@ def evaluate(detector: Detector, test: MVTecDataset, train: MVTecDataset | Itera
             masks.append(torch.stack([it["mask"][0] for it in items]))
     scores_t, maps_t, masks_t = torch.cat(scores), torch.cat(maps), torch.cat(masks)
     labels = test.labels
-    result = metrics.all_metrics(scores_t, labels, maps_t, masks_t)
+    pixel_truth = getattr(test, "has_masks", True)   # image-level data (ELPV) has no masks
+    result = metrics.all_metrics(scores_t, labels, maps_t if pixel_truth else None, masks_t if pixel_truth else None)
+    if not pixel_truth:
+        result.update(dict.fromkeys(PIXEL_METRICS, math.nan))
     result.update(fit_s=fit_s, ms_per_image=1000 * infer_s / len(test), peak_mem_mb=peak.peak_mb,
                   n_train=n_train, n_test=len(test))
     return Evaluation(result, scores_t, maps_t, labels, masks_t, test.defects, [e.image.as_posix() for e in test.entries])
 
 
-_ORDER = ("method", "backbone", "category", "device", "image_auroc", "pixel_auroc", "aupro", "f1_max", "fpr95",
+PIXEL_METRICS = ("pixel_auroc", "aupro", "pixel_fpr95", "pixel_ap")
+_ORDER = ("data", "method", "seed", "seeds", "backbone", "category", "device", "image_auroc", "pixel_auroc", "aupro", "f1_max", "fpr95",
           "ap", "pixel_fpr95", "pixel_ap", "fit_s", "ms_per_image", "peak_mem_mb", "n_train", "n_test")
 
 

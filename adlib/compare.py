@@ -1,0 +1,254 @@
+"""Every method of the book side by side, on every data set, with seeds: ``python -m adlib compare``.
+
+One run is (method, data set, seed): fit on the data set's normal training images, score its test
+split with :func:`adlib.evaluate`. The two pre-training recipes are methods here too:
+``centering`` and ``semi_formula`` fine-tune the default backbone on the target's normal images
+first, then fit PaDiM on the fine-tuned backbone (as chapters 5 and 6 do); their ``fit_s`` includes
+the pre-training. Methods whose fit draws random numbers (a ``seed`` hyper-parameter) run once per
+seed, so a difference can be told from seed noise; ``pixel_stats`` has none and runs once.
+
+::
+
+    rows = compare(["patchcore", "padim"], ["bottle", "elpv_mono"], CompareConfig(seeds=(0, 1, 2)))
+    table = summarize(rows)          # mean and std over seeds per (data set, method)
+    write_results(rows, "compare_out")
+
+Peak memory is the peak resident memory of the whole process during the run (the loaded data
+sets and the Python/torch baseline included) on the CPU, torch's peak allocation on CUDA.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import DataError, MVTecDataset, choose_data, display_path, find_data_root, load_split
+from .detectors import DETECTORS, get_detector
+from .elpv import ELPV_CATEGORIES, elpv_source, is_elpv
+from .evaluate import PeakMemory, evaluate, format_table
+from .pretrain import CenteringRecipe, SemiFormulaRecipe, pretrain_centering, pretrain_semi_formula
+from .settings import default_device
+
+__all__ = ["METHODS", "RECIPES", "CompareConfig", "method_options", "check_data", "compare", "run_one", "summarize",
+           "write_results", "plot_accuracy_vs_time", "SUMMARY_METRICS"]
+
+RECIPES: dict[str, tuple[type, Callable[..., Any]]] = {
+    "centering": (CenteringRecipe, pretrain_centering),
+    "semi_formula": (SemiFormulaRecipe, pretrain_semi_formula),
+}
+METHODS = ("pixel_stats", "autoencoder", "dfr", "patchcore", "padim", "centering", "semi_formula", "densehybrid")
+SUMMARY_METRICS = ("image_auroc", "pixel_auroc", "aupro", "f1_max", "fpr95", "fit_s", "ms_per_image", "peak_mem_mb")
+
+
+def _option_fields(method: str) -> dict[str, dataclasses.Field]:
+    if method in RECIPES:
+        return {f.name: f for f in dataclasses.fields(RECIPES[method][0]) if f.init}
+    if method not in DETECTORS:
+        raise KeyError(f"unknown method {method!r}; choose from {list(METHODS)}")
+    return {f.name: f for f in dataclasses.fields(DETECTORS[method]) if f.init and f.name != "device"}
+
+
+def method_options(method: str) -> dict[str, Any]:
+    """The options one can set for ``method`` and their defaults (a recipe's for the pre-trainings)."""
+    return {name: f.default for name, f in _option_fields(method).items()}
+
+
+def _is_seeded(method: str) -> bool:
+    return "seed" in _option_fields(method)
+
+
+@dataclass
+class CompareConfig:
+    """How big a comparison is. ``options`` overrides method options, e.g.
+    ``{"autoencoder": {"epochs": 30}, "semi_formula": {"images": 800}}`` (checked by name)."""
+
+    image_size: int = 256
+    train_limit: int | None = None      # first N training images (None: all)
+    test_limit: int | None = None       # first N images of each test folder (None: all)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    device: str | None = None
+    batch_size: int = 16
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.seeds:
+            raise ValueError("seeds must name at least one seed")
+        for method, values in self.options.items():
+            known = _option_fields(method)
+            unknown = sorted(set(values) - set(known) - {"seed"})
+            if unknown:
+                raise ValueError(f"{method} has no option(s) {unknown}; it has {sorted(known)}")
+            if "seed" in values:
+                raise ValueError(f"{method}: seeds come from CompareConfig.seeds, not from options")
+
+
+def _datasets(name: str, config: CompareConfig, root: str | Path | None) -> tuple[MVTecDataset, MVTecDataset]:
+    """(train, test) of the data set ``name``: an MVTec AD category (under ``root``/``ADLIB_DATA``) or
+    an ELPV cell type (``elpv_mono``, ``elpv_poly``; image labels only)."""
+    choice = choose_data(name, root, synthetic="never", banner=False)
+    common = dict(root=choice.root, category=choice.category, image_size=config.image_size)
+    train = MVTecDataset(split="train", limit=config.train_limit, **common)
+    test = MVTecDataset(split="test", limit=config.test_limit, missing_masks="none" if is_elpv(name) else "error",
+                        **common)
+    return train, test
+
+
+def check_data(name: str, root: str | Path | None = None) -> None:
+    """Refuse, in one line and before any work, a data set that cannot be had here."""
+    if is_elpv(name):
+        elpv_source()
+        return
+    found = find_data_root(root)
+    if not (found / name / "train" / "good").is_dir():
+        raise DataError(f"data set {name!r}: no MVTec AD category at {display_path(found / name)}, and it is not one of "
+                        f"{list(ELPV_CATEGORIES)}; set --root/ADLIB_DATA or fetch it with adlib.data.download_mvtec")
+
+
+def _pretrain(method: str, train: MVTecDataset, options: dict[str, Any], seed: int, device: torch.device,
+              folder: Path, progress: bool) -> tuple[str, float]:
+    """Fine-tune the default backbone with ``method``'s recipe; returns (backbone file, seconds)."""
+    recipe_cls, run_recipe = RECIPES[method]
+    recipe = recipe_cls(**{**options, "seed": seed})
+    start = time.perf_counter()
+    run = run_recipe(load_split(train)[0], recipe, device=device, progress=progress)
+    path = folder / f"{method}_{train.category}_seed{seed}.safetensors"
+    run.save(path, category=train.category, image_size=train.image_size)
+    return str(path), time.perf_counter() - start
+
+
+def run_one(method: str, train: MVTecDataset, test: MVTecDataset, seed: int | None = 0,
+            options: dict[str, Any] | None = None, device: str | torch.device | None = None,
+            batch_size: int = 16, progress: bool = False) -> dict[str, Any]:
+    """Fit ``method`` on ``train``, evaluate on ``test``; the metrics row of :func:`adlib.evaluate` plus
+    ``method``, ``data``, ``seed``, ``device``, ``pretrain_s`` (pre-training time, inside ``fit_s``)."""
+    options = dict(options or {})
+    run_device = default_device(device)
+    pretrain_s = 0.0
+    with tempfile.TemporaryDirectory(prefix="adlib-compare-") as tmp, PeakMemory(run_device) as peak:
+        if method in RECIPES:
+            backbone, pretrain_s = _pretrain(method, train, options, 0 if seed is None else seed, run_device,
+                                             Path(tmp), progress)
+            detector = get_detector("padim", backbone=backbone, device=str(run_device),
+                                    **({"seed": seed} if seed is not None else {}))
+        else:
+            hyper = {**options, **({"seed": seed} if seed is not None and _is_seeded(method) else {})}
+            if "device" in {f.name for f in dataclasses.fields(DETECTORS[method])}:
+                hyper["device"] = str(run_device)
+            detector = get_detector(method, **hyper)
+        result = evaluate(detector, test, train, batch_size=batch_size, progress=progress)
+    row = {"method": method, "data": train.category, "seed": seed, "device": str(run_device), **result.metrics}
+    row["fit_s"] = row["fit_s"] + pretrain_s
+    row["pretrain_s"] = pretrain_s
+    row["peak_mem_mb"] = max(row["peak_mem_mb"], peak.peak_mb)
+    return row
+
+
+def compare(methods: list[str] | tuple[str, ...], data: list[str] | tuple[str, ...], config: CompareConfig | None = None,
+            root: str | Path | None = None, progress: bool = True,
+            on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """Every (data set, method, seed) run; one row each (see :func:`run_one`). ``on_row`` is called
+    after each run (to print or save partial results of a long comparison)."""
+    config = config or CompareConfig()
+    for method in methods:
+        _option_fields(method)   # unknown names fail before any work
+    if not data:
+        raise ValueError("name at least one data set")
+    for name in data:
+        check_data(name, root)
+    rows: list[dict[str, Any]] = []
+    plan = [(name, method, seed) for name in data for method in methods
+            for seed in (config.seeds if _is_seeded(method) else (None,))]
+    bar = tqdm(plan, desc="compare", disable=not progress)
+    loaded: dict[str, tuple[MVTecDataset, MVTecDataset]] = {}
+    for name, method, seed in bar:
+        bar.set_postfix_str(f"{name} {method} seed {seed}")
+        if name not in loaded:
+            loaded = {name: _datasets(name, config, root)}   # one data set in memory at a time
+        train, test = loaded[name]
+        row = run_one(method, train, test, seed, config.options.get(method), config.device, config.batch_size)
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+    return rows
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    finite = [v for v in values if not math.isnan(v)]
+    if not finite:
+        return math.nan, math.nan
+    mean = sum(finite) / len(finite)
+    std = math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1)) if len(finite) > 1 else 0.0
+    return mean, std
+
+
+def summarize(rows: list[dict[str, Any]], keys: tuple[str, ...] = SUMMARY_METRICS) -> list[dict[str, Any]]:
+    """One row per (data set, method), in first-seen order: ``seeds`` (how many runs), and for each
+    metric ``<metric>`` (mean over seeds) and ``<metric>_std`` (sample std; 0 for one run)."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["data"], row["method"]), []).append(row)
+    out = []
+    for (data, method), runs in groups.items():
+        summary: dict[str, Any] = {"data": data, "method": method, "seeds": len(runs), "device": runs[0]["device"]}
+        for key in keys:
+            summary[key], summary[f"{key}_std"] = _mean_std([float(r[key]) for r in runs])
+        summary["n_train"], summary["n_test"] = runs[0]["n_train"], runs[0]["n_test"]
+        out.append(summary)
+    return out
+
+
+def _markdown(summary: list[dict[str, Any]]) -> str:
+    """Summary rows as Markdown: each metric as ``mean ± std`` (std only where there were seeds)."""
+    def cell(row: dict[str, Any], key: str) -> str:
+        mean, std = row[key], row[f"{key}_std"]
+        if math.isnan(mean):
+            return "n/a"
+        digits = 3 if key in ("image_auroc", "pixel_auroc", "aupro", "f1_max", "fpr95") else 1
+        return f"{mean:.{digits}f} ± {std:.{digits}f}" if row["seeds"] > 1 else f"{mean:.{digits}f}"
+
+    table = [{"data": r["data"], "method": r["method"], "seeds": r["seeds"],
+              **{k: cell(r, k) for k in SUMMARY_METRICS}, "n_train": r["n_train"], "n_test": r["n_test"]}
+             for r in summary]
+    return format_table(table)
+
+
+def write_results(rows: list[dict[str, Any]], out: str | Path) -> dict[str, Path]:
+    """Write ``compare_runs.csv`` (every run), ``compare.csv`` and ``compare.md`` (mean ± std)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarize(rows)
+    paths = {"runs": out / "compare_runs.csv", "summary": out / "compare.csv", "markdown": out / "compare.md"}
+    for path, table in ((paths["runs"], rows), (paths["summary"], summary)):
+        keys = list(dict.fromkeys(k for r in table for k in r))
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(table)
+    paths["markdown"].write_text(_markdown(summary) + "\n")
+    return paths
+
+
+def plot_accuracy_vs_time(summary: list[dict[str, Any]], data: str, metric: str = "image_auroc", ax: Any = None) -> Any:
+    """Scatter of ``metric`` (mean, with the seed std as error bar) against fit time + the time to
+    score 100 images (log scale), one point per method, for the data set ``data``."""
+    import matplotlib.pyplot as plt
+
+    ax = ax or plt.subplots(figsize=(6, 4))[1]
+    for row in (r for r in summary if r["data"] == data):
+        cost = row["fit_s"] + 0.1 * row["ms_per_image"]
+        ax.errorbar(cost, row[metric], yerr=row[f"{metric}_std"], fmt="o", capsize=3)
+        ax.annotate(row["method"], (cost, row[metric]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("fit time + time to score 100 images (s, log scale)")
+    ax.set_ylabel(metric.replace("_", " "))
+    ax.set_title(data)
+    return ax
