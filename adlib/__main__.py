@@ -146,7 +146,15 @@ def run_compare(args: argparse.Namespace) -> list[dict]:
     config = CompareConfig(image_size=args.image_size, train_limit=args.train_limit, test_limit=args.test_limit,
                            seeds=tuple(dict.fromkeys(args.seeds)), device=args.device,
                            options=_compare_options(args.set))
-    rows = compare(args.methods, args.data, config, root=args.root)
+    done: list[dict] = []
+
+    def finished(row: dict) -> None:   # each run is saved at once: a long comparison can be read as it goes
+        done.append(row)
+        write_results(done, args.out)
+        tqdm.write(f"{row['data']} {row['method']} seed {row['seed']}: image AUROC {row['image_auroc']:.3f}, "
+                   f"fit {row['fit_s']:.1f} s, {row['ms_per_image']:.1f} ms/image", file=sys.stderr)
+
+    rows = compare(args.methods, args.data, config, root=args.root, on_row=finished)
     paths = write_results(rows, args.out)
     print(paths["markdown"].read_text(), end="")
     print(f"adlib compare: {len(rows)} runs -> {', '.join(str(p) for p in paths.values())}", file=sys.stderr)

@@ -37,8 +37,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import ctypes
-import gc
 import math
 import statistics
 import threading
@@ -56,7 +54,7 @@ from .kernels._runtime import _in_threads
 from .kernels.chunked_coreset import DEFAULT_CHUNK_POINTS
 from .kernels.coreset import plain_greedy_coreset
 from .kernels.neighbours import _cpu_tile_sizes
-from .evaluate import PeakMemory
+from .evaluate import PeakMemory, return_free_memory
 from .settings import default_device
 
 COLUMNS = ["kernel", "peer", "size", "adlib_s", "peer_s", "speedup", "adlib_peak_mb", "peer_peak_mb", "max_rel_err"]
@@ -69,21 +67,6 @@ class Timing:
     result: Any
 
 
-def _return_free_memory() -> None:
-    """Collect Python's garbage and, with glibc, give the heap's free pages back to the system.
-
-    Why: freed heap pages stay resident, so a later run reuses them without page faults and its
-    memory does not show in the RSS (measured in one process after the k-NN and coreset rows: a
-    Gaussian fit that needs 370 MB showed 0.8 MB and ran 30% faster). Every measured run, adlib's
-    and the peers', starts from the same state.
-    """
-    gc.collect()
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (AttributeError, OSError):   # not glibc (macOS, musl): nothing to give back this way
-        pass
-
-
 def _sync(device: torch.device) -> None:
     """Wait for the device's queued work, so that wall times include it (CUDA runs asynchronously)."""
     if device.type == "cuda":
@@ -93,12 +76,12 @@ def _sync(device: torch.device) -> None:
 def measure(fn: Callable[[], Any], device: torch.device, repeat: int = 3) -> Timing:
     """Median wall time of ``repeat`` runs after one warm-up (none when ``repeat == 1``), and the
     extra peak memory of one run over what was in use before it; free memory is given back to
-    the system first (:func:`_return_free_memory`)."""
+    the system first (:func:`adlib.evaluate.return_free_memory`)."""
     result = None
     if repeat > 1:
         result = fn()
         _sync(device)
-    _return_free_memory()
+    return_free_memory()
     with PeakMemory(device) as peak:
         base = peak.peak_mb
         times = []

@@ -13,8 +13,9 @@ seed, so a difference can be told from seed noise; ``pixel_stats`` has none and 
     table = summarize(rows)          # mean and std over seeds per (data set, method)
     write_results(rows, "compare_out")
 
-Peak memory is the peak resident memory of the whole process during the run (the loaded data
-sets and the Python/torch baseline included) on the CPU, torch's peak allocation on CUDA.
+Memory: ``mem_mb`` is what a run added on top of the process's resident memory at its start
+(free heap pages given back first, so runs do not inherit each other's), on CUDA torch's peak
+allocation; ``peak_mem_mb`` is the process's whole peak (data, Python and torch included).
 """
 
 from __future__ import annotations
@@ -29,24 +30,25 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .data import DataError, MVTecDataset, choose_data, display_path, find_data_root, load_split
 from .detectors import DETECTORS, get_detector
 from .elpv import ELPV_CATEGORIES, elpv_source, is_elpv
-from .evaluate import PeakMemory, evaluate, format_table
+from . import metrics
+from .evaluate import PeakMemory, evaluate, format_table, return_free_memory, rss_mb
 from .pretrain import CenteringRecipe, SemiFormulaRecipe, pretrain_centering, pretrain_semi_formula
 from .settings import default_device
 
 __all__ = ["METHODS", "RECIPES", "CompareConfig", "method_options", "check_data", "compare", "run_one", "summarize",
-           "write_results", "plot_accuracy_vs_time", "SUMMARY_METRICS"]
+           "write_results", "summary_markdown", "load_data", "plot_accuracy_vs_time", "threshold_study", "SUMMARY_METRICS"]
 
 RECIPES: dict[str, tuple[type, Callable[..., Any]]] = {
     "centering": (CenteringRecipe, pretrain_centering),
     "semi_formula": (SemiFormulaRecipe, pretrain_semi_formula),
 }
 METHODS = ("pixel_stats", "autoencoder", "dfr", "patchcore", "padim", "centering", "semi_formula", "densehybrid")
-SUMMARY_METRICS = ("image_auroc", "pixel_auroc", "aupro", "f1_max", "fpr95", "fit_s", "ms_per_image", "peak_mem_mb")
+SUMMARY_METRICS = ("image_auroc", "pixel_auroc", "aupro", "f1_max", "fpr95", "fit_s", "ms_per_image", "mem_mb")
 
 
 def _option_fields(method: str) -> dict[str, dataclasses.Field]:
@@ -91,7 +93,7 @@ class CompareConfig:
                 raise ValueError(f"{method}: seeds come from CompareConfig.seeds, not from options")
 
 
-def _datasets(name: str, config: CompareConfig, root: str | Path | None) -> tuple[MVTecDataset, MVTecDataset]:
+def load_data(name: str, config: CompareConfig, root: str | Path | None = None) -> tuple[MVTecDataset, MVTecDataset]:
     """(train, test) of the data set ``name``: an MVTec AD category (under ``root``/``ADLIB_DATA``) or
     an ELPV cell type (``elpv_mono``, ``elpv_poly``; image labels only)."""
     choice = choose_data(name, root, synthetic="never", banner=False)
@@ -127,16 +129,21 @@ def _pretrain(method: str, train: MVTecDataset, options: dict[str, Any], seed: i
 
 def run_one(method: str, train: MVTecDataset, test: MVTecDataset, seed: int | None = 0,
             options: dict[str, Any] | None = None, device: str | torch.device | None = None,
-            batch_size: int = 16, progress: bool = False) -> dict[str, Any]:
+            batch_size: int = 16, progress: bool = False, pretrain_data: MVTecDataset | None = None) -> dict[str, Any]:
     """Fit ``method`` on ``train``, evaluate on ``test``; the metrics row of :func:`adlib.evaluate` plus
-    ``method``, ``data``, ``seed``, ``device``, ``pretrain_s`` (pre-training time, inside ``fit_s``)."""
+    ``method``, ``data``, ``seed``, ``device``, ``pretrain_s`` (pre-training time, inside ``fit_s``),
+    ``mem_mb`` (memory the run added, see the module's notes) and ``pretrained_on``. A pre-training
+    method fine-tunes on ``pretrain_data``'s normal images if given (the cross-data-set variant:
+    pre-train on one data set, detect on another), else on ``train``'s."""
     options = dict(options or {})
     run_device = default_device(device)
     pretrain_s = 0.0
+    return_free_memory()
+    start_mb = rss_mb() if run_device.type != "cuda" else 0.0
     with tempfile.TemporaryDirectory(prefix="adlib-compare-") as tmp, PeakMemory(run_device) as peak:
         if method in RECIPES:
-            backbone, pretrain_s = _pretrain(method, train, options, 0 if seed is None else seed, run_device,
-                                             Path(tmp), progress)
+            backbone, pretrain_s = _pretrain(method, pretrain_data or train, options, 0 if seed is None else seed,
+                                             run_device, Path(tmp), progress)
             detector = get_detector("padim", backbone=backbone, device=str(run_device),
                                     **({"seed": seed} if seed is not None else {}))
         else:
@@ -148,7 +155,9 @@ def run_one(method: str, train: MVTecDataset, test: MVTecDataset, seed: int | No
     row = {"method": method, "data": train.category, "seed": seed, "device": str(run_device), **result.metrics}
     row["fit_s"] = row["fit_s"] + pretrain_s
     row["pretrain_s"] = pretrain_s
+    row["pretrained_on"] = (pretrain_data or train).category if method in RECIPES else None
     row["peak_mem_mb"] = max(row["peak_mem_mb"], peak.peak_mb)
+    row["mem_mb"] = row["peak_mem_mb"] - start_mb
     return row
 
 
@@ -172,7 +181,7 @@ def compare(methods: list[str] | tuple[str, ...], data: list[str] | tuple[str, .
     for name, method, seed in bar:
         bar.set_postfix_str(f"{name} {method} seed {seed}")
         if name not in loaded:
-            loaded = {name: _datasets(name, config, root)}   # one data set in memory at a time
+            loaded = {name: load_data(name, config, root)}   # one data set in memory at a time
         train, test = loaded[name]
         row = run_one(method, train, test, seed, config.options.get(method), config.device, config.batch_size)
         rows.append(row)
@@ -206,7 +215,7 @@ def summarize(rows: list[dict[str, Any]], keys: tuple[str, ...] = SUMMARY_METRIC
     return out
 
 
-def _markdown(summary: list[dict[str, Any]]) -> str:
+def summary_markdown(summary: list[dict[str, Any]]) -> str:
     """Summary rows as Markdown: each metric as ``mean ± std`` (std only where there were seeds)."""
     def cell(row: dict[str, Any], key: str) -> str:
         mean, std = row[key], row[f"{key}_std"]
@@ -233,7 +242,7 @@ def write_results(rows: list[dict[str, Any]], out: str | Path) -> dict[str, Path
             writer = csv.DictWriter(f, fieldnames=keys)
             writer.writeheader()
             writer.writerows(table)
-    paths["markdown"].write_text(_markdown(summary) + "\n")
+    paths["markdown"].write_text(summary_markdown(summary) + "\n")
     return paths
 
 
@@ -252,3 +261,32 @@ def plot_accuracy_vs_time(summary: list[dict[str, Any]], data: str, metric: str 
     ax.set_ylabel(metric.replace("_", " "))
     ax.set_title(data)
     return ax
+
+
+def threshold_study(method: str, train: MVTecDataset, test: MVTecDataset, holdout: float = 0.1, k: float = 3.0,
+                    seed: int = 0, options: dict[str, Any] | None = None, batch_size: int = 16) -> dict[str, Any]:
+    """The decision a production line needs, measured: fit ``method`` on ``1 - holdout`` of the normal
+    training images (seeded split), set the threshold at ``mean + k * std`` of the held-out normal
+    images' scores (no defect seen), and compare it on ``test`` with the best-F1 threshold (an oracle
+    that looks at the test defects). Returns both thresholds and, for each, :func:`adlib.metrics.rates_at`
+    (``recall``, ``false_alarm_rate``, ``precision``, ``f1``) prefixed ``calibrated_`` and ``oracle_``."""
+    images = load_split(train)[0]
+    n_held = max(2, round(holdout * len(images)))
+    if len(images) - n_held < 2:
+        raise ValueError(f"{len(images)} training images are too few to hold out {n_held}")
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    held, kept = images[order[:n_held]], images[order[n_held:]]
+    hyper = dict(options or {})
+    if _is_seeded(method):
+        hyper["seed"] = seed
+    detector = get_detector(method, **hyper).fit(kept)
+    held_scores = torch.cat([detector.predict(b)[0] for b in held.split(batch_size)])
+    test_images, _, labels = load_split(test)
+    scores = torch.cat([detector.predict(b)[0] for b in test_images.split(batch_size)])
+    calibrated = metrics.mean_std_threshold(held_scores, k)
+    oracle, _ = metrics.best_f1_threshold(scores, labels)
+    row: dict[str, Any] = {"method": method, "data": train.category, "n_fit": len(kept), "n_held": n_held,
+                           "calibrated_threshold": calibrated, "oracle_threshold": oracle}
+    for name, threshold in (("calibrated", calibrated), ("oracle", oracle)):
+        row.update({f"{name}_{key}": value for key, value in metrics.rates_at(scores, labels, threshold).items()})
+    return row

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import math
 import os
 import sys
@@ -18,10 +20,25 @@ from . import metrics
 from .data import MVTecDataset, train_batches
 from .detectors.base import Detector
 
-__all__ = ["Evaluation", "evaluate", "PeakMemory", "format_table"]
+__all__ = ["Evaluation", "evaluate", "PeakMemory", "format_table", "return_free_memory", "rss_mb"]
 
 
-def _rss_mb() -> float:
+def return_free_memory() -> None:
+    """Collect Python's garbage and, with glibc, give the heap's free pages back to the system.
+
+    Why: freed heap pages stay resident, so a later run reuses them without page faults and its
+    memory does not show in the RSS (measured in one process after the k-NN and coreset rows: a
+    Gaussian fit that needs 370 MB showed 0.8 MB and ran 30% faster). Every measured run starts
+    from the same state.
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (AttributeError, OSError):   # not glibc (macOS, musl): nothing to give back this way
+        pass
+
+
+def rss_mb() -> float:
     """Resident set size of this process in MB: now on Linux (``/proc``); the lifetime peak on other
     POSIX systems (``getrusage``); now on Windows (``psutil`` if installed, else the Win32 call
     ``GetProcessMemoryInfo``); NaN where none of these can be had (unknown, not zero)."""
@@ -90,7 +107,7 @@ class PeakMemory:
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            self.peak_mb = max(self.peak_mb, _rss_mb())
+            self.peak_mb = max(self.peak_mb, rss_mb())
             self._stop.wait(self.interval_s)
 
     def __enter__(self) -> "PeakMemory":
@@ -98,7 +115,7 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
-            self.peak_mb = _rss_mb()
+            self.peak_mb = rss_mb()
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
         return self
@@ -111,7 +128,7 @@ class PeakMemory:
             self._stop.set()
             assert self._thread is not None
             self._thread.join()
-            self.peak_mb = max(self.peak_mb, _rss_mb())
+            self.peak_mb = max(self.peak_mb, rss_mb())
 
 
 @dataclass

@@ -172,6 +172,40 @@ def fpr_at_tpr(scores: Any, labels: Any, tpr: float = 0.95) -> float:
     return float(fpr_curve[np.argmax(tpr_curve >= tpr - 1e-12)])
 
 
+def mean_std_threshold(normal_scores: Any, k: float = 3.0) -> float:
+    """``mean + k * std`` (sample std) of scores of held-out *normal* images: a threshold set without
+    seeing a single defect, as a production line must (k = 3: about 0.13% false alarms if the
+    scores were normal)."""
+    s = _as_numpy(normal_scores).astype(np.float64).ravel()
+    if s.size < 2:
+        raise ValueError(f"a mean + k std threshold needs at least 2 normal scores, got {s.size}")
+    return float(s.mean() + k * s.std(ddof=1))
+
+
+def best_f1_threshold(scores: Any, labels: Any) -> tuple[float, float]:
+    """``(threshold, F1)`` of the threshold with the best F1 on these labelled scores (an image is
+    called anomalous when its score is >= the threshold). It looks at the defects, so on a test set it
+    is an oracle: an upper bound for a threshold chosen before the defects are known."""
+    precision, recall, thresholds = precision_recall_curve(scores, labels)
+    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-300)
+    best = int(np.argmax(f1))
+    return float(thresholds[best]), float(f1[best])
+
+
+def rates_at(scores: Any, labels: Any, threshold: float) -> dict[str, float]:
+    """What a threshold does on labelled scores (anomalous when score >= threshold): ``recall`` (share of
+    defects caught), ``false_alarm_rate`` (share of normal images flagged), ``precision`` (NaN when
+    nothing is flagged) and ``f1``."""
+    s, y = _check_binary(scores, labels)
+    flagged = s >= threshold
+    tp = float(np.sum(flagged & y))
+    fp = float(np.sum(flagged & ~y))
+    recall = tp / float(np.sum(y))
+    precision = tp / (tp + fp) if tp + fp > 0 else float("nan")
+    f1 = 2 * precision * recall / (precision + recall) if tp > 0 else 0.0
+    return {"recall": recall, "false_alarm_rate": fp / float(np.sum(~y)), "precision": precision, "f1": f1}
+
+
 def all_metrics(scores: Any, labels: Any, maps: Any = None, masks: Any = None) -> dict[str, float]:
     """Image metrics (``image_auroc``, ``f1_max``, ``fpr95``, ``ap``), plus, when maps and masks are
     given and at least one mask holds a defect, the pixel metrics ``pixel_auroc``, ``aupro``,

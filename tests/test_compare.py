@@ -18,7 +18,7 @@ def test_summarize_is_the_mean_and_sample_std_over_seeds_and_skips_nan():
     values = rng.uniform(0.5, 1.0, size=3)
     rows = [{"data": "d", "method": "m", "device": "cpu", "n_train": 5, "n_test": 4, "image_auroc": float(v),
              "pixel_auroc": math.nan, "aupro": math.nan, "f1_max": 0.5, "fpr95": 0.1, "fit_s": 1.0 + i,
-             "ms_per_image": 2.0, "peak_mem_mb": 10.0} for i, v in enumerate(values)]
+             "ms_per_image": 2.0, "mem_mb": 10.0} for i, v in enumerate(values)]
     rows.append({**rows[0], "method": "other", "image_auroc": 0.7})
     (m, other) = summarize(rows)
     assert (m["method"], m["seeds"], other["seeds"]) == ("m", 3, 1)
@@ -50,7 +50,7 @@ def test_compare_runs_each_seeded_method_per_seed_and_writes_tables(synthetic_ro
     for row in rows:
         assert 0.0 <= row["image_auroc"] <= 1.0 and 0.0 <= row["pixel_auroc"] <= 1.0
         assert row["n_train"] == 12 and row["n_test"] == 12
-        assert row["peak_mem_mb"] > 0 and row["ms_per_image"] > 0
+        assert row["peak_mem_mb"] >= row["mem_mb"] > 0 and row["ms_per_image"] > 0
     centering = [r for r in rows if r["method"] == "centering"]
     assert all(r["pretrain_s"] > 0 and r["fit_s"] > r["pretrain_s"] for r in centering)
     assert all(r["pretrain_s"] == 0 for r in rows if r["method"] != "centering")
@@ -88,3 +88,18 @@ def test_cli_compare_bad_input_is_one_line(synthetic_root, tmp_path, args, messa
                  "--out", str(tmp_path / "x"), *args)
     assert done.returncode == 2
     assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_threshold_study_calibrates_on_held_out_normals_only(synthetic_root):
+    from adlib.data import MVTecDataset
+    from adlib.compare import threshold_study
+
+    train = MVTecDataset(synthetic_root, "synthetic", "train", image_size=64)
+    test = MVTecDataset(synthetic_root, "synthetic", "test", image_size=64)
+    row = threshold_study("padim", train, test, holdout=0.25, seed=1)
+    assert (row["n_fit"], row["n_held"]) == (18, 6)
+    assert row["oracle_f1"] >= row["calibrated_f1"] - 1e-12    # the oracle is the best F1 there is
+    for name in ("calibrated", "oracle"):
+        assert 0.0 <= row[f"{name}_recall"] <= 1.0 and 0.0 <= row[f"{name}_false_alarm_rate"] <= 1.0
+    with pytest.raises(ValueError, match="too few"):
+        threshold_study("padim", MVTecDataset(synthetic_root, "synthetic", "train", image_size=64, limit=3), test)

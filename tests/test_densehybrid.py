@@ -169,3 +169,22 @@ def test_default_densehybrid_on_real_bottle_passes_the_bar(real_root, tmp_path):
     assert load_detector(tmp_path / "dh.safetensors").freeze == "backbone"    # "auto" resolved and saved
     assert row["image_auroc"] >= 0.90 and row["pixel_auroc"] >= 0.90, row
     assert all(0 <= row[k] <= 1 for k in ("fpr95", "ap", "pixel_fpr95", "pixel_ap"))
+
+
+def test_the_three_scores_are_the_hybrid_and_its_two_parts(synthetic_root):
+    """hybrid = ln sigmoid(o) + density exactly, on the grid; each score gives its own map."""
+    import torch.nn.functional as F
+    from adlib.data import MVTecDataset, load_split
+
+    images = load_split(MVTecDataset(synthetic_root, "synthetic", "train", image_size=64, limit=4))[0]
+    det = DenseHybrid(**{**TINY, "freeze": "backbone", "epochs": 1}).fit([images])
+    grid = det.maps(images[:2])
+    assert torch.allclose(grid["hybrid"], F.logsigmoid(grid["outlier"]) + grid["density"], atol=1e-5)
+    assert torch.equal(grid["density"], -grid["log_density"])
+    maps = {}
+    for score in ("hybrid", "outlier", "density"):
+        det.score = score
+        maps[score] = det.predict(images[:2])[1]
+    assert not torch.allclose(maps["density"], maps["outlier"]) and not torch.allclose(maps["density"], maps["hybrid"])
+    with pytest.raises(ValueError, match="score must be one of"):
+        DenseHybrid(score="energy")

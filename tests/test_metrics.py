@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import math
 from pathlib import Path
 
 import numpy as np
@@ -164,3 +165,32 @@ def test_no_trapezoid_call_outside_the_helper():
             if hit and id(node) not in inside:
                 found.append(f"{path.relative_to(package.parent)}:{node.lineno}")
     assert not found, f"call metrics._trapezoid instead of np.trapezoid/np.trapz at {found}"
+
+
+def test_thresholds_against_a_brute_force_reference():
+    from adlib.metrics import best_f1_threshold, f1_max, mean_std_threshold, rates_at
+
+    rng = np.random.default_rng(3)
+    labels = rng.random(200) < 0.3
+    scores = np.round(rng.normal(size=200) + 1.2 * labels, 2)   # rounded: ties included
+    best_t, best_f1 = best_f1_threshold(scores, labels.astype(int))
+    brute = []
+    for t in np.unique(scores):
+        flagged = scores >= t
+        tp, fp = np.sum(flagged & labels), np.sum(flagged & ~labels)
+        f1 = 2 * tp / (2 * tp + fp + np.sum(~flagged & labels))
+        brute.append((f1, t))
+        rates = rates_at(scores, labels.astype(int), t)
+        assert rates["recall"] == pytest.approx(tp / labels.sum(), abs=1e-12)
+        assert rates["false_alarm_rate"] == pytest.approx(fp / (~labels).sum(), abs=1e-12)
+        assert rates["f1"] == pytest.approx(f1, abs=1e-12)
+    f1_ref, t_ref = max(brute)
+    assert best_f1 == pytest.approx(f1_ref, abs=1e-12) == pytest.approx(f1_max(scores, labels.astype(int)), abs=1e-12)
+    assert rates_at(scores, labels.astype(int), best_t)["f1"] == pytest.approx(best_f1, abs=1e-12)
+    normal = rng.normal(5.0, 2.0, size=50)
+    assert mean_std_threshold(normal) == pytest.approx(normal.mean() + 3 * normal.std(ddof=1), abs=1e-12)
+    assert mean_std_threshold(normal, k=0) == pytest.approx(normal.mean(), abs=1e-12)
+    with pytest.raises(ValueError, match="at least 2"):
+        mean_std_threshold([1.0])
+    nothing = rates_at([0.1, 0.2], [0, 1], 5.0)
+    assert nothing["recall"] == 0.0 and nothing["false_alarm_rate"] == 0.0 and math.isnan(nothing["precision"])

@@ -17,10 +17,10 @@ def test_import_adlib_without_the_posix_resource_module():
     """Windows has no ``resource`` module: ``import adlib`` must not need it."""
     code = ("import sys; sys.modules['resource'] = None  # as on Windows: `import resource` fails\n"
             "import adlib, adlib.bench\n"
-            "from adlib.evaluate import PeakMemory, _rss_mb\n"
+            "from adlib.evaluate import PeakMemory, rss_mb\n"
             "with PeakMemory('cpu') as peak:\n"
             "    pass\n"
-            "print('ok', _rss_mb() > 0, peak.peak_mb > 0)\n")
+            "print('ok', rss_mb() > 0, peak.peak_mb > 0)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["ok", "True", "True"]
@@ -46,7 +46,7 @@ def test_ru_maxrss_units_bytes_on_macos_kib_elsewhere(monkeypatch, platform, exp
     _no_proc(monkeypatch)
     monkeypatch.setitem(sys.modules, "resource", _fake_resource(3 * 2**20))
     monkeypatch.setattr(sys, "platform", platform)
-    assert evaluate._rss_mb() == pytest.approx(expected_mb)
+    assert evaluate.rss_mb() == pytest.approx(expected_mb)
 
 
 def test_windows_uses_psutil_when_installed(monkeypatch):
@@ -56,7 +56,7 @@ def test_windows_uses_psutil_when_installed(monkeypatch):
     fake.Process = lambda: types.SimpleNamespace(memory_info=lambda: types.SimpleNamespace(rss=5 * 2**20))
     monkeypatch.setitem(sys.modules, "psutil", fake)
     monkeypatch.setattr(sys, "platform", "win32")
-    assert evaluate._rss_mb() == pytest.approx(5.0)
+    assert evaluate.rss_mb() == pytest.approx(5.0)
 
 
 def test_memory_is_nan_not_zero_when_it_cannot_be_measured(monkeypatch):
@@ -69,7 +69,7 @@ def test_memory_is_nan_not_zero_when_it_cannot_be_measured(monkeypatch):
         raise OSError("GetProcessMemoryInfo failed")
 
     monkeypatch.setattr(evaluate, "_windows_working_set_mb", no_win32_call, raising=False)
-    assert math.isnan(evaluate._rss_mb())
+    assert math.isnan(evaluate.rss_mb())
     with evaluate.PeakMemory("cpu", interval_s=0.001) as peak:
         pass
     assert math.isnan(peak.peak_mb)

@@ -8,7 +8,10 @@ writes, in every notebook:
   extras each chapter needs (notebook metadata ``adlib.extras``); ``ADLIB_INSTALL`` overrides what is
   installed (a wheel, a local path: how ``tests/test_colab.py`` runs it without the network);
 - the metadata that asks Colab for a GPU runtime (``accelerator: GPU``);
-- the run-time line under the title, from the metadata ``adlib.minutes_cpu`` / ``adlib.minutes_gpu``.
+- the run-time line under the title, from the metadata ``adlib.minutes_cpu`` / ``adlib.minutes_gpu``;
+
+and in ``book/intro.md``, between ``<!-- runtimes:start -->`` and ``<!-- runtimes:end -->``, the table of
+every chapter's run time from the same metadata, so the introduction cannot disagree with the chapters.
 
 ``python tools/sync_notebooks.py`` rewrites the notebooks; ``--check`` only reports (the tests run it).
 Outputs are never touched: the cells it writes produce no output outside Colab.
@@ -115,6 +118,39 @@ def sync(path: Path, url: str, dist: str) -> list[str]:
     return changes
 
 
+INTRO = ROOT / "book" / "intro.md"
+RUNTIMES_START, RUNTIMES_END = "<!-- runtimes:start -->", "<!-- runtimes:end -->"
+
+
+def _minutes(value) -> str:
+    return "not measured yet" if value is None else f"{value:g} min"
+
+
+def runtime_table(notebooks: list[Path]) -> str:
+    """Markdown table: each chapter's title and its stored run time on the CPU and on a GPU."""
+    lines = ["| chapter | 2-core CPU | one GPU |", "|---|---|---|"]
+    for path in notebooks:
+        nb = json.loads(path.read_text())
+        meta = nb["metadata"].get("adlib", {})
+        title = next(line[2:].strip() for line in "".join(nb["cells"][0]["source"]).split("\n") if line.startswith("# "))
+        lines.append(f"| [{title}](../notebooks/{path.name}) | {_minutes(meta.get('minutes_cpu'))} | "
+                     f"{_minutes(meta.get('minutes_gpu'))} |")
+    return "\n".join(lines)
+
+
+def sync_intro(check: bool) -> bool:
+    """Write (or with ``check`` only compare) the run-time table of ``book/intro.md``; True if in step."""
+    text = INTRO.read_text()
+    start, end = text.index(RUNTIMES_START) + len(RUNTIMES_START), text.index(RUNTIMES_END)
+    new = text[:start] + "\n" + runtime_table(NOTEBOOKS) + "\n" + text[end:]
+    if new == text:
+        return True
+    if not check:
+        INTRO.write_text(new)
+        print("book/intro.md: run-time table")
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="report notebooks out of step; change nothing")
@@ -132,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
             changes = sync(path, url, dist)
             if changes:
                 print(f"{path.name}: {', '.join(changes)}")
+    if not sync_intro(args.check):
+        if args.check:
+            stale.append("book/intro.md: run-time table")
     if stale:
         print("out of step with _config.yml / pyproject.toml (run python tools/sync_notebooks.py):\n  "
               + "\n  ".join(stale), file=sys.stderr)

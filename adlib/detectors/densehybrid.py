@@ -10,7 +10,10 @@ negatives (pieces of photographs, :mod:`adlib.negatives`) by Eq. (1) of the pape
 
 the expectations over inlier pixels (no pasted pixel in the cell) and outlier pixels (at least half
 pasted) of the head's grid. Anomaly maps: ``"hybrid"`` ``ln P(d_out | x) - ln p^(x)`` (the paper's
-score) or ``"outlier"`` ``o`` alone; upsampled, smoothed, the image score is the maximum.
+score), ``"outlier"`` ``o`` alone or ``"density"`` ``-ln p^(x)`` alone; upsampled, smoothed, the
+image score is the maximum. Without segmentation weights (offline) the ``K`` logits learn nothing
+but Eq. (1)'s push of ``ln p^(x)`` down on pasted pixels: the "density" is then a second
+discriminative cue, not a generative model of normal images.
 
 Backbones: ``"deeplabv3_resnet50"``, torchvision's segmentation network with its COCO/VOC weights
 (the paper's; they load from torchvision's cache: :func:`fetch_deeplab_weights` downloads them
@@ -52,7 +55,7 @@ from .base import Detector, check_images, register, upsample_and_smooth
 __all__ = ["DenseHybrid", "DenseHybridHead", "densehybrid_loss", "fetch_deeplab_weights", "FREEZES", "SCORES"]
 
 FREEZES = ("auto", "all", "backbone", "none")
-SCORES = ("hybrid", "outlier")
+SCORES = ("hybrid", "outlier", "density")
 TORCHVISION_DEEPLAB = "deeplabv3_resnet50"
 VOC_CLASSES = 21
 BACKBONE_CHOICES = ("auto", TORCHVISION_DEEPLAB, *LITE_VARIANTS)
@@ -228,7 +231,7 @@ class DenseHybrid(Detector):
     lr: float = 1e-3
     beta: float = 0.03
     head_channels: int = 64              # the EfficientNet-Lite head's width (torchvision's is 256)
-    score: str = "hybrid"                # "hybrid" or "outlier"
+    score: str = "hybrid"                # "hybrid", "outlier" or "density"
     sigma: float = 4.0
     seed: int = 0
     device: str | None = None
@@ -398,14 +401,15 @@ class DenseHybrid(Detector):
 
     @torch.no_grad()
     def maps(self, images: Tensor) -> dict[str, Tensor]:
-        """Grid maps ``(B, h, w)``: ``outlier`` (the logit o), ``log_density`` (ln p^(x)) and ``hybrid``."""
+        """Grid maps ``(B, h, w)``: ``outlier`` (the logit o), ``log_density`` (ln p^(x)), ``density``
+        (-ln p^(x): high where the density is low) and ``hybrid``."""
         if self.head is None:
             raise RuntimeError("DenseHybrid is not fitted: call fit() first")
         check_images(images)
         self.head.eval()
         seg, outlier = self.head(self._features(images.to(self._device)))
         log_density = torch.logsumexp(seg.float(), 1)
-        return {"outlier": outlier.float(), "log_density": log_density,
+        return {"outlier": outlier.float(), "log_density": log_density, "density": -log_density,
                 "hybrid": F.logsigmoid(outlier.float()) - log_density}
 
     def _predict(self, images: Tensor) -> tuple[Tensor, Tensor]:
