@@ -1,6 +1,7 @@
 """A chapter's set-up cells run as Colab runs them: a fresh virtual environment holding only the
 notebook, the install cell's path taken (``google.colab`` importable), the package installed from
-a wheel built from this tree (``ADLIB_INSTALL``, the install cell's override of the git URL)."""
+a wheel built from this tree (``ADLIB_INSTALL``, the install cell's override of the git URL), and the
+data downloaded by the cell itself from a local HTTP server (``ADLIB_MVTEC_URL``) into an empty home."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import subprocess
 import sys
 import sysconfig
+import tarfile
 import textwrap
 from pathlib import Path
 
@@ -47,6 +49,21 @@ def test_sync_tool_reports_every_notebook_in_step():
         assert "colab-badge" not in "".join(nb["cells"][0]["source"])   # Jupyter Book's launch button instead
 
 
+def _real_bottle_archive(real_root: Path, out: Path) -> None:
+    """``bottle.tar.xz`` of real bottle files, a few per folder (masks with their images), as MVTec serves it."""
+    category = real_root / "bottle"
+    with tarfile.open(out, "w:xz", preset=0) as tar:
+        for folder in sorted(p for p in category.glob("*/*") if p.is_dir()):
+            for path in sorted(folder.glob("*.png"))[:2]:
+                tar.add(path, arcname=str(path.relative_to(real_root)))
+                if folder.parent.name == "test" and folder.name != "good":
+                    mask = category / "ground_truth" / folder.name / f"{path.stem}_mask.png"
+                    tar.add(mask, arcname=str(mask.relative_to(real_root)))
+        for name in ("license.txt", "readme.txt"):
+            if (category / name).is_file():
+                tar.add(category / name, arcname=f"bottle/{name}")
+
+
 def test_chapter_00_set_up_cells_in_a_fresh_environment_as_in_colab(wheel, tmp_path, real_root):
     venv = tmp_path / "venv"
     _run([getattr(sys, "_base_executable", sys.executable), "-m", "venv", "--without-pip", str(venv)])
@@ -68,9 +85,26 @@ def test_chapter_00_set_up_cells_in_a_fresh_environment_as_in_colab(wheel, tmp_p
         print("IN_COLAB", IN_COLAB)
         print("adlib from", os.path.dirname(adlib.__file__))
     """))
-    env = {**os.environ, "PYTHONPATH": str(tmp_path / "fake_colab"), "MPLBACKEND": "Agg",
-           "ADLIB_INSTALL": f"{wheel}[notebooks]", "PIP_NO_INDEX": "1", "ADLIB_DATA": str(real_root)}
-    proc = _run([str(python), str(script)], cwd=tmp_path, env=env)
+    from test_download import Server   # the local HTTP server of the download tests (Range requests)
+
+    served = tmp_path / "served"
+    (served / "mvtec").mkdir(parents=True)
+    _real_bottle_archive(real_root, served / "mvtec" / "bottle.tar.xz")
+    server = Server(served)
+    server.thread.start()
+    home = tmp_path / "home"   # an empty user cache: the data can only come from the download
+    env = {k: v for k, v in os.environ.items() if k not in ("ADLIB_DATA", "XDG_CACHE_HOME")}
+    env.update({"PYTHONPATH": str(tmp_path / "fake_colab"), "MPLBACKEND": "Agg", "HOME": str(home),
+                "ADLIB_INSTALL": f"{wheel}[notebooks]", "PIP_NO_INDEX": "1", "ADLIB_MVTEC_URL": server.url})
+    try:
+        proc = _run([str(python), str(script)], cwd=tmp_path, env=env)
+    finally:
+        server.httpd.shutdown()
+        server.httpd.server_close()
     assert "IN_COLAB True" in proc.stdout
     assert f"adlib from {site}" in proc.stdout          # the installed wheel, not this checkout
     assert "data: real MVTec AD 'bottle'" in proc.stdout and "device: " in proc.stdout
+    assert server.paths() == ["/mvtec/bottle.tar.xz"]    # downloaded once, by the set-up cell
+    downloaded = home / ".cache" / "adlib" / "mvtec_ad" / "bottle"
+    assert sorted(p.name for p in (downloaded / "train" / "good").glob("*.png")) == \
+        sorted(p.name for p in sorted((real_root / "bottle" / "train" / "good").glob("*.png"))[:2])
