@@ -37,9 +37,11 @@ import torch
 from tqdm import tqdm
 
 from . import settings
-from .data import DataError, ImageFiles, MVTecDataset, Preprocessing, find_data_root, list_image_files, load_split, train_batches
+from .data import (DataError, ImageFiles, MVTecDataset, Preprocessing, find_data_root, holdout_split, list_image_files,
+                   load_split, train_batches)
 from .detectors import DETECTORS, get_detector, load_detector
 from .evaluate import evaluate, format_table
+from .metrics import mean_std_threshold
 from .pretrain import CenteringRecipe, SemiFormulaRecipe, pretrain_centering, pretrain_semi_formula
 from .pretrain.semi_formula import INITS, LOSSES
 from .backbones import BACKBONES
@@ -117,6 +119,9 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--device", default=None, help="cuda or cpu (default: ADLIB_DEVICE, else automatic)")
     c.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
                    help="a method's option, e.g. autoencoder.epochs=30 or semi_formula.images=800 (repeatable)")
+    c.add_argument("--missing-masks", choices=["error", "skip", "none"], default="error",
+                   help="defective test images without a mask: stop (default), leave them out, or keep them "
+                        "for image metrics only (ELPV always: none)")
     c.add_argument("--out", type=Path, required=True, help="folder for compare_runs.csv, compare.csv, compare.md")
 
 
@@ -145,7 +150,7 @@ def run_compare(args: argparse.Namespace) -> list[dict]:
     _device(args.device)
     config = CompareConfig(image_size=args.image_size, train_limit=args.train_limit, test_limit=args.test_limit,
                            seeds=tuple(dict.fromkeys(args.seeds)), device=args.device,
-                           options=_compare_options(args.set))
+                           missing_masks=args.missing_masks, options=_compare_options(args.set))
     done: list[dict] = []
 
     def finished(row: dict) -> None:   # each run is saved at once: a long comparison can be read as it goes
@@ -445,16 +450,8 @@ def _training_files(args: argparse.Namespace) -> list[Path]:
 
 
 def _split_holdout(files: list[Path], fraction: float, seed: int) -> tuple[list[Path], list[Path]]:
-    """Seeded split into (fit, held-out); a threshold needs at least 2 held-out scores and fit 2 images."""
-    if fraction == 0:
-        return files, []
-    n_held = max(2, round(fraction * len(files)))
-    if len(files) - n_held < 2:
-        raise ValueError(f"{len(files)} images are too few to hold out {n_held} for the threshold and fit on "
-                         f"the rest; add images or pass --holdout 0")
-    order = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed)).tolist()
-    held = sorted(order[:n_held])
-    kept = sorted(order[n_held:])
+    """Seeded split into (fit, held-out) files (:func:`adlib.data.holdout_split`)."""
+    kept, held = holdout_split(len(files), fraction, seed)
     return [files[i] for i in kept], [files[i] for i in held]
 
 
@@ -473,7 +470,7 @@ def run_fit(args: argparse.Namespace) -> dict:
                "image_size": prep.side, "fit_seconds": round(time.perf_counter() - start, 1)}
     if held_files:
         scores, _ = detector.predict_files(held_files, args.batch_size)
-        detector.threshold = float(scores.mean() + 3 * scores.std())
+        detector.threshold = mean_std_threshold(scores, 3.0)
         if len(held_files) < 10:
             print(f"adlib fit: note: the threshold comes from only {len(held_files)} held-out images, so it is "
                   f"rough; more normal images or a larger --holdout make it steadier", file=sys.stderr)

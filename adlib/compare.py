@@ -32,9 +32,9 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
-from .data import DataError, MVTecDataset, choose_data, display_path, find_data_root, load_split
+from .data import DataError, MVTecDataset, choose_data, holdout_split, load_split
 from .detectors import DETECTORS, get_detector
-from .elpv import ELPV_CATEGORIES, elpv_source, is_elpv
+from .elpv import ELPV_CATEGORIES, is_elpv
 from . import metrics
 from .evaluate import PeakMemory, evaluate, format_table, return_free_memory, rss_mb
 from .pretrain import CenteringRecipe, SemiFormulaRecipe, pretrain_centering, pretrain_semi_formula
@@ -79,11 +79,14 @@ class CompareConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     device: str | None = None
     batch_size: int = 16
+    missing_masks: str = "error"        # MVTec-layout data without masks: "error", "skip" or "none" (ELPV: "none")
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.seeds:
             raise ValueError("seeds must name at least one seed")
+        if self.missing_masks not in ("error", "skip", "none"):
+            raise ValueError(f"missing_masks must be 'error', 'skip' or 'none', got {self.missing_masks!r}")
         for method, values in self.options.items():
             known = _option_fields(method)
             unknown = sorted(set(values) - set(known) - {"seed"})
@@ -94,25 +97,30 @@ class CompareConfig:
 
 
 def load_data(name: str, config: CompareConfig, root: str | Path | None = None) -> tuple[MVTecDataset, MVTecDataset]:
-    """(train, test) of the data set ``name``: an MVTec AD category (under ``root``/``ADLIB_DATA``) or
-    an ELPV cell type (``elpv_mono``, ``elpv_poly``; image labels only)."""
+    """(train, test) of the data set ``name``: an MVTec AD category (under ``root``/``ADLIB_DATA`` or the
+    user cache) or an ELPV cell type (``elpv_mono``, ``elpv_poly``; image labels only). Every image is
+    decoded into the datasets' caches here, so that no run's time or memory includes reading files."""
     choice = choose_data(name, root, synthetic="never", banner=False)
     common = dict(root=choice.root, category=choice.category, image_size=config.image_size)
     train = MVTecDataset(split="train", limit=config.train_limit, **common)
-    test = MVTecDataset(split="test", limit=config.test_limit, missing_masks="none" if is_elpv(name) else "error",
-                        **common)
+    test = MVTecDataset(split="test", limit=config.test_limit,
+                        missing_masks="none" if is_elpv(name) else config.missing_masks, **common)
+    for dataset in (train, test):
+        for index in range(len(dataset)):
+            dataset[index]
     return train, test
 
 
 def check_data(name: str, root: str | Path | None = None) -> None:
-    """Refuse, in one line and before any work, a data set that cannot be had here."""
-    if is_elpv(name):
-        elpv_source()
-        return
-    found = find_data_root(root)
-    if not (found / name / "train" / "good").is_dir():
-        raise DataError(f"data set {name!r}: no MVTec AD category at {display_path(found / name)}, and it is not one of "
-                        f"{list(ELPV_CATEGORIES)}; set --root/ADLIB_DATA or fetch it with adlib.data.download_mvtec")
+    """Refuse, in one line and before any work, a data set that cannot be had here (found as
+    :func:`load_data` finds it: ELPV from its package, MVTec AD categories under ``root``/``ADLIB_DATA``
+    or in the user cache)."""
+    try:
+        choose_data(name, root, synthetic="never", banner=False)
+    except DataError as err:
+        hint = "" if is_elpv(name) else (f" (nor is it one of {list(ELPV_CATEGORIES)}); set --root/ADLIB_DATA or "
+                                         f"fetch it with adlib.data.download_mvtec")
+        raise DataError(f"data set {name!r}: {str(err).splitlines()[0]}{hint}") from err
 
 
 def _pretrain(method: str, train: MVTecDataset, options: dict[str, Any], seed: int, device: torch.device,
@@ -141,9 +149,12 @@ def run_one(method: str, train: MVTecDataset, test: MVTecDataset, seed: int | No
     return_free_memory()
     start_mb = rss_mb() if run_device.type != "cuda" else 0.0
     with tempfile.TemporaryDirectory(prefix="adlib-compare-") as tmp, PeakMemory(run_device) as peak:
+        pretrain_peak_mb = 0.0
         if method in RECIPES:
             backbone, pretrain_s = _pretrain(method, pretrain_data or train, options, 0 if seed is None else seed,
                                              run_device, Path(tmp), progress)
+            if run_device.type == "cuda":   # evaluate's own PeakMemory resets the device's peak counter
+                pretrain_peak_mb = torch.cuda.max_memory_allocated(run_device) / 2**20
             detector = get_detector("padim", backbone=backbone, device=str(run_device),
                                     **({"seed": seed} if seed is not None else {}))
         else:
@@ -156,7 +167,7 @@ def run_one(method: str, train: MVTecDataset, test: MVTecDataset, seed: int | No
     row["fit_s"] = row["fit_s"] + pretrain_s
     row["pretrain_s"] = pretrain_s
     row["pretrained_on"] = (pretrain_data or train).category if method in RECIPES else None
-    row["peak_mem_mb"] = max(row["peak_mem_mb"], peak.peak_mb)
+    row["peak_mem_mb"] = max(row["peak_mem_mb"], peak.peak_mb, pretrain_peak_mb)
     row["mem_mb"] = row["peak_mem_mb"] - start_mb
     return row
 
@@ -169,6 +180,9 @@ def compare(methods: list[str] | tuple[str, ...], data: list[str] | tuple[str, .
     config = config or CompareConfig()
     for method in methods:
         _option_fields(method)   # unknown names fail before any work
+    unused = sorted(set(config.options) - set(methods))
+    if unused:
+        raise ValueError(f"options given for {unused}, which are not among the methods compared {list(methods)}")
     if not data:
         raise ValueError("name at least one data set")
     for name in data:
@@ -270,12 +284,12 @@ def threshold_study(method: str, train: MVTecDataset, test: MVTecDataset, holdou
     images' scores (no defect seen), and compare it on ``test`` with the best-F1 threshold (an oracle
     that looks at the test defects). Returns both thresholds and, for each, :func:`adlib.metrics.rates_at`
     (``recall``, ``false_alarm_rate``, ``precision``, ``f1``) prefixed ``calibrated_`` and ``oracle_``."""
+    if method in RECIPES:
+        raise ValueError(f"threshold_study takes a detector ({sorted(DETECTORS)}); {method!r} is a pre-training "
+                         f"recipe: pre-train first, then study 'padim' with backbone=<its file> in options")
     images = load_split(train)[0]
-    n_held = max(2, round(holdout * len(images)))
-    if len(images) - n_held < 2:
-        raise ValueError(f"{len(images)} training images are too few to hold out {n_held}")
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
-    held, kept = images[order[:n_held]], images[order[n_held:]]
+    kept_index, held_index = holdout_split(len(images), holdout, seed)
+    held, kept = images[held_index], images[kept_index]
     hyper = dict(options or {})
     if _is_seeded(method):
         hyper["seed"] = seed
@@ -285,7 +299,7 @@ def threshold_study(method: str, train: MVTecDataset, test: MVTecDataset, holdou
     scores = torch.cat([detector.predict(b)[0] for b in test_images.split(batch_size)])
     calibrated = metrics.mean_std_threshold(held_scores, k)
     oracle, _ = metrics.best_f1_threshold(scores, labels)
-    row: dict[str, Any] = {"method": method, "data": train.category, "n_fit": len(kept), "n_held": n_held,
+    row: dict[str, Any] = {"method": method, "data": train.category, "n_fit": len(kept), "n_held": len(held),
                            "calibrated_threshold": calibrated, "oracle_threshold": oracle}
     for name, threshold in (("calibrated", calibrated), ("oracle", oracle)):
         row.update({f"{name}_{key}": value for key, value in metrics.rates_at(scores, labels, threshold).items()})

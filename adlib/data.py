@@ -457,6 +457,22 @@ def list_image_files(inputs: list[str | os.PathLike]) -> list[Path]:
     return files
 
 
+def holdout_split(n: int, fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Seeded split of ``n`` normal images into (fit, held-out) index lists, each sorted: the held-out
+    images set a decision threshold (:func:`adlib.metrics.mean_std_threshold`), which needs at least 2
+    of them, and the fit at least 2 images. ``fraction == 0`` holds out nothing."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"the held-out fraction must be in [0, 1), got {fraction}")
+    if fraction == 0:
+        return list(range(n)), []
+    n_held = max(2, round(fraction * n))
+    if n - n_held < 2:
+        raise ValueError(f"{n} images are too few to hold out {n_held} for the threshold and fit on the rest; "
+                         f"add images or hold out none")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(order[n_held:]), sorted(order[:n_held])
+
+
 def load_split(dataset: MVTecDataset) -> tuple[Tensor, Tensor, Tensor]:
     """All of a split at once: images ``(N, 3, S, S)``, masks ``(N, 1, S, S)``, labels ``(N,)``."""
     items = [dataset[i] for i in range(len(dataset))]

@@ -17,7 +17,9 @@ reads like any other (file copies, no re-encoding)::
     <root>/elpv_mono/test/defect_p100/     probability 1 (defective for certain)
 
 The split is this book's own choice (the data set defines none for anomaly detection): train on
-normal cells of one type only, test on every other cell of that type.
+normal cells of one type only, test on every other cell of that type. ``labels.csv`` does not say
+which module a cell came from, so cells of one module can land in both train and test: a split by
+module would be stricter.
 """
 
 from __future__ import annotations

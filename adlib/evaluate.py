@@ -208,7 +208,7 @@ def evaluate(detector: Detector, test: MVTecDataset, train: MVTecDataset | Itera
 
 PIXEL_METRICS = ("pixel_auroc", "aupro", "pixel_fpr95", "pixel_ap")
 _ORDER = ("data", "method", "seed", "seeds", "backbone", "category", "device", "image_auroc", "pixel_auroc", "aupro", "f1_max", "fpr95",
-          "ap", "pixel_fpr95", "pixel_ap", "fit_s", "ms_per_image", "peak_mem_mb", "n_train", "n_test")
+          "ap", "pixel_fpr95", "pixel_ap", "fit_s", "ms_per_image", "mem_mb", "peak_mem_mb", "n_train", "n_test")
 
 
 def format_table(rows: list[dict[str, Any]] | dict[str, Any]) -> str:

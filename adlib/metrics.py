@@ -15,7 +15,7 @@ import numpy as np
 from scipy import ndimage
 
 __all__ = ["roc_curve", "auroc", "pixel_auroc", "aupro", "pro_curve", "precision_recall_curve", "f1_max",
-           "fpr_at_tpr", "average_precision", "all_metrics"]
+           "fpr_at_tpr", "average_precision", "all_metrics", "mean_std_threshold", "best_f1_threshold", "rates_at"]
 
 
 def _trapezoid(y: Any, x: Any) -> float:
@@ -154,10 +154,8 @@ def precision_recall_curve(scores: Any, labels: Any) -> tuple[np.ndarray, np.nda
 
 
 def f1_max(scores: Any, labels: Any) -> float:
-    """Best F1 over all thresholds."""
-    precision, recall, _ = precision_recall_curve(scores, labels)
-    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-300)
-    return float(f1.max())
+    """Best F1 over all thresholds (:func:`best_f1_threshold` gives the threshold too)."""
+    return best_f1_threshold(scores, labels)[1]
 
 
 def average_precision(scores: Any, labels: Any) -> float:
