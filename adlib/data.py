@@ -30,7 +30,6 @@ from torch.utils.data import Dataset
 __all__ = [
     "DataError",
     "MVTecDataset",
-    "Split",
     "find_data_root",
     "load_split",
     "batches",
@@ -277,9 +276,6 @@ class _Entry:
     defect: str
 
 
-Split = str  # "train" or "test"
-
-
 class MVTecDataset(Dataset):
     """One split of one category in the MVTec AD layout.
 
@@ -309,7 +305,7 @@ class MVTecDataset(Dataset):
             :func:`_scale_high_bit`).
     """
 
-    def __init__(self, root: str | os.PathLike | None = None, category: str = "bottle", split: Split = "train",
+    def __init__(self, root: str | os.PathLike | None = None, category: str = "bottle", split: str = "train",
                  image_size: int = 256, crop_size: int | None = None, normalize: bool = True,
                  limit: int | None = None, missing_masks: str = "error", cache: bool = True,
                  value_range: tuple[float, float] | None = None):
@@ -422,11 +418,6 @@ class ImageFiles(Dataset):
         if not self.paths:
             raise DataError("no image files given")
         self.preprocessing = preprocessing or Preprocessing()
-
-    @classmethod
-    def from_inputs(cls, inputs: list[str | os.PathLike], preprocessing: Preprocessing | None = None) -> "ImageFiles":
-        """Files and folders (their image files, sorted, not recursive) -> one :class:`ImageFiles`."""
-        return cls(list_image_files(inputs), preprocessing)
 
     def __len__(self) -> int:
         return len(self.paths)

@@ -87,11 +87,9 @@ class CheckedBatches:
     def __init__(self, train: Iterable[Tensor] | Tensor, batch_size: int = 32):
         self.train, self.batch_size = train, batch_size
         self.size: tuple[int, int] | None = None
-        self.count = 0
 
     def __iter__(self) -> Iterator[Tensor]:
         source = self.train.split(self.batch_size) if isinstance(self.train, Tensor) else self.train
-        count = 0
         for batch in source:
             check_images(batch)
             size = (int(batch.shape[-2]), int(batch.shape[-1]))
@@ -100,9 +98,7 @@ class CheckedBatches:
             elif size != self.size:
                 raise ValueError(f"all training images must share one size: got a batch of {size} after "
                                  f"{self.size}; resize them the same way (adlib.data.Preprocessing)")
-            count += len(batch)
             yield batch
-        self.count = count
 
     def __len__(self) -> int:
         if isinstance(self.train, Tensor):
