@@ -8,6 +8,9 @@
   model's threshold) and heat-map PNG overlays.
 - ``evaluate --method NAME --data ROOT --category CAT [--backbone NAME_OR_FILE]``: fits on
   ``train/good``, evaluates on ``test/``, prints the metrics table and writes it as JSON.
+- ``export --model MODEL --format onnx --out MODEL.onnx``: the fitted scoring path (preprocessing,
+  backbone, k-NN or Mahalanobis, map smoothing) as one ONNX graph with the threshold and file
+  reading in its metadata; ``python -m adlib.deploy --model MODEL.onnx IMAGES...`` runs it without PyTorch.
 - ``pretrain centering --data ROOT --category CAT --out FILE``: fine-tunes a backbone on the
   category's normal images and writes it as one backbone file that ``--backbone`` accepts; under
   ``torchrun --nproc-per-node K`` it trains data-parallel.
@@ -86,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_fit(sub)
     _add_predict(sub)
+    _add_export(sub)
     ev = sub.add_parser("evaluate", parents=[_common()],
                         help="fit on train/good, evaluate on test/, print and save the metrics")
     _add_method_options(ev)
@@ -212,6 +216,14 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold", type=float, default=None, help="decide at this score instead of the model's")
     p.add_argument("--device", default=None, help="cuda or cpu (default: ADLIB_DEVICE, else automatic)")
     p.add_argument("--batch-size", type=_positive_int, default=16)
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    e = sub.add_parser("export", parents=[_common()],
+                       help="write a model file as one ONNX graph: pixels in, score and anomaly map out")
+    e.add_argument("--model", type=Path, required=True, help="a model file written by fit (or evaluate --save)")
+    e.add_argument("--format", choices=["onnx"], default="onnx", help="the file format (default %(default)s)")
+    e.add_argument("--out", type=Path, required=True, help="the file to write (.onnx)")
 
 
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:
@@ -420,7 +432,7 @@ def run_evaluate(args: argparse.Namespace) -> dict:
     _check_output(args.json, "--json")
     _check_output(args.save, "--save", ".safetensors")
     detector = get_detector(args.method, **hyper)
-    device = getattr(detector, "_device", "cpu")
+    device = getattr(detector, "device_", "cpu")
     root = find_data_root(args.data)
     prep = _preprocessing(args)
     kwargs = dict(root=root, category=args.category, image_size=prep.image_size, crop_size=prep.crop_size,
@@ -558,18 +570,31 @@ def _write_heatmaps(files: list[Path], detector, maps, threshold: float | None, 
     print(f"adlib predict: {len(files)} heat maps -> {folder}", file=sys.stderr)
 
 
+def run_export(args: argparse.Namespace) -> dict:
+    """``export``: a model file -> an ONNX file that :mod:`adlib.deploy` (or any onnxruntime) runs."""
+    from .export import export_onnx
+
+    _check_output(args.out, "--out", ".onnx")
+    if not args.model.is_file():
+        raise ValueError(f"--model {args.model}: no such file")
+    start = time.perf_counter()
+    export_onnx(args.model, args.out)
+    summary = {"model": str(args.model), "out": str(args.out), "format": args.format,
+               "megabytes": round(args.out.stat().st_size / 2**20, 1), "seconds": round(time.perf_counter() - start, 1)}
+    print(json.dumps(summary))
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"fit": run_fit, "predict": run_predict, "evaluate": run_evaluate, "pretrain": run_pretrain,
-                "compare": run_compare}
+                "compare": run_compare, "export": run_export}
     try:
         commands[args.command](args)
-    except (ValueError, TypeError, KeyError, OSError, ImportError, DataError, RuntimeError) as err:
+    except (ValueError, OSError, ImportError) as err:   # bad input or environment; anything else is a bug: traceback
         if getattr(args, "debug", False):
             traceback.print_exc()
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        hint = "" if isinstance(err, (ValueError, OSError)) or getattr(args, "debug", False) else " (--debug shows where)"
-        print(f"adlib {args.command}: error: {message}{hint}", file=sys.stderr)
+        print(f"adlib {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0
 

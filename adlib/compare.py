@@ -55,7 +55,7 @@ def _option_fields(method: str) -> dict[str, dataclasses.Field]:
     if method in RECIPES:
         return {f.name: f for f in dataclasses.fields(RECIPES[method][0]) if f.init}
     if method not in DETECTORS:
-        raise KeyError(f"unknown method {method!r}; choose from {list(METHODS)}")
+        raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
     return {f.name: f for f in dataclasses.fields(DETECTORS[method]) if f.init and f.name != "device"}
 
 

@@ -12,7 +12,6 @@ share-alike); cite Bergmann et al., CVPR 2019 and IJCV 2021.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tarfile
 import urllib.request
@@ -23,9 +22,12 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
+
+from .hashing import file_sha256
+from .imagefiles import IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, DataError, read_resized
 
 __all__ = [
     "DataError",
@@ -41,14 +43,13 @@ __all__ = [
     "Preprocessing",
     "ImageFiles",
     "list_image_files",
+    "normalize",
     "denormalize",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "MVTEC_CATEGORIES",
 ]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 MVTEC_CATEGORIES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
                     "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper")
 # MVTec's own download server: one <category>.tar.xz per category below this folder.
@@ -56,7 +57,6 @@ MVTEC_URL = "https://www.mvtec.com/fileadmin/Redaktion/mvtec.com/company/researc
 MVTEC_SHA256: dict[str, str] = {}  # SHA-256 of <category>.tar.xz where known: MVTec publishes none (see download_mvtec)
 MVTEC_PAGE = "https://www.mvtec.com/company/research/datasets/mvtec-ad"
 MVTEC_LICENSE = "CC BY-NC-SA 4.0 (non-commercial use only)"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 def display_path(path: Path) -> str:
@@ -66,10 +66,6 @@ def display_path(path: Path) -> str:
     except ValueError:  # another drive on Windows
         return str(path)
     return rel if Path(rel).parts[:4].count("..") < 4 else str(path)
-
-
-class DataError(ValueError):
-    """A data set problem, with the file or folder and what is wrong with it."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -117,74 +113,6 @@ def find_data_root(root: str | os.PathLike | None = None) -> Path:
 # Reading images and masks
 # --------------------------------------------------------------------------------------------
 
-_HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
-
-
-def _read_rgb(path: Path, value_range: tuple[float, float] | None = None) -> Image.Image:
-    """An image file as 8-bit ``RGB`` (grayscale, palette and RGBA become RGB), or, for 16-bit, 32-bit
-    integer and float files, as a one-channel float ``F`` image in [0, 1] (see :func:`_scale_high_bit`:
-    never clipped, never cut to 8 bits). Errors name the file."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode in _HIGH_BIT_MODES:
-                return _scale_high_bit(img, path, value_range)
-            if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-                rgba = img.convert("RGBA")
-                background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-                return Image.alpha_composite(background, rgba).convert("RGB")
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise DataError(f"{path}: cannot read image: an unsupported format, or the file is corrupt or "
-                        f"truncated ({err})") from err
-
-
-def _scale_high_bit(img: Image.Image, path: Path, value_range: tuple[float, float] | None) -> Image.Image:
-    """A 16-bit, 32-bit integer or float image -> ``F`` image in [0, 1] by a fixed range, the same for
-    every file (an anomaly may be an intensity: stretching each image to its own min-max would hide it).
-
-    The range is ``value_range`` if given, else the type's: 16-bit 0..65535; 32-bit integers whose values
-    fit 0..65535 (how Pillow opens many 16-bit PNGs) the same; floats 0..1. Values outside the range
-    are refused, never clipped. A 12-bit camera writing 0..4095 into 16-bit files gives dark but exact
-    images; pass ``value_range=(0, 4095)`` to use the whole scale.
-    """
-    pixels = np.asarray(img, dtype=np.float64)
-    low, high = float(pixels.min()), float(pixels.max())
-    if value_range is None:
-        if img.mode == "F":
-            value_range = (0.0, 1.0)
-        elif img.mode == "I" and not (0 <= low and high <= 65535):
-            raise DataError(f"{path}: 32-bit integer image with values in [{low:g}, {high:g}]; say how to "
-                            f"scale it with value_range=(low, high) (CLI: --value-range LOW HIGH)")
-        else:
-            value_range = (0.0, 65535.0)
-    lo, hi = (float(v) for v in value_range)
-    if not hi > lo:
-        raise ValueError(f"value_range must be (low, high) with high > low, got {value_range}")
-    if not np.isfinite(pixels).all():
-        raise DataError(f"{path}: the image contains NaN or infinite values")
-    if low < lo or high > hi:
-        raise DataError(f"{path}: pixel values span [{low:g}, {high:g}], outside the value range "
-                        f"[{lo:g}, {hi:g}] ({img.mode} image); pass value_range=(low, high) covering them "
-                        f"(CLI: --value-range LOW HIGH) instead of having them clipped")
-    return Image.fromarray(((pixels - lo) / (hi - lo)).astype(np.float32))   # 2-D float32: mode F
-
-
-def _read_mask(path: Path) -> Image.Image:
-    """A mask file -> ``L`` image, 255 where any channel is non-zero (0/1, 0/255, 16-bit and colour
-    masks alike: a labelling tool's "1" is as defective as 255)."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            values = np.asarray(img)
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise DataError(f"{path}: cannot read mask, the file is corrupt or truncated ({err})") from err
-    defective = values != 0
-    if defective.ndim == 3:
-        defective = defective.any(-1)
-    return Image.fromarray(defective.astype(np.uint8) * 255)   # 2-D uint8: mode L
-
-
 @dataclass(frozen=True)
 class Preprocessing:
     """How an image file becomes a detector's input ``(3, S, S)``; detectors save it, so files of any
@@ -219,29 +147,14 @@ class Preprocessing:
     def read(self, path: str | os.PathLike, mask: str | os.PathLike | None = None) -> tuple[Tensor, Tensor]:
         """A file (and its mask) -> ``(3, S, S)`` pixels (uint8, or float32 in [0, 1] for high-bit files)
         and a ``(1, S, S)`` uint8 mask in {0, 1} (zeros without ``mask``); not yet normalized."""
-        path = Path(path)
-        image = _read_rgb(path, self.value_range)
-        mask_img = _read_mask(Path(mask)) if mask is not None else Image.new("L", image.size, 0)
-        if mask_img.size != image.size:
-            raise DataError(f"{mask}: mask size {mask_img.size} differs from its image's {image.size} ({path})")
-        size = (self.image_size, self.image_size)
-        image = image.resize(size, Image.BILINEAR, reducing_gap=None)
-        mask_img = mask_img.resize(size, Image.NEAREST)
-        if self.crop_size is not None:
-            box = _center_crop_box(self.image_size, self.image_size, self.crop_size)
-            image, mask_img = image.crop(box), mask_img.crop(box)
-        if image.mode == "F":   # one float channel: the same for R, G and B
-            pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy())[None].expand(3, -1, -1)
-            pixels = pixels.clamp(0, 1).contiguous()   # only bilinear's rounding can step outside [0, 1]
-        else:
-            pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
-        return pixels, torch.from_numpy((np.asarray(mask_img) > 127).astype(np.uint8))[None]
+        pixels, mask_array = read_resized(path, self.image_size, self.crop_size, self.value_range, mask)
+        return torch.from_numpy(pixels), torch.from_numpy(mask_array)
 
     def to_input(self, pixels: Tensor) -> Tensor:
         """``(..., 3, S, S)`` pixels from :meth:`read` -> float32 detector input (normalized if asked)."""
         image = pixels.float() / 255.0 if pixels.dtype == torch.uint8 else pixels.float()
         if self.normalize:
-            image = (image - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+            image = normalize(image)
         return image
 
     def load(self, path: str | os.PathLike) -> Tensor:
@@ -264,9 +177,7 @@ def _list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
-def _center_crop_box(width: int, height: int, crop: int) -> tuple[int, int, int, int]:
-    left, top = (width - crop) // 2, (height - crop) // 2
-    return left, top, left + crop, top + crop
+
 
 
 @dataclass(frozen=True)
@@ -496,6 +407,13 @@ def train_batches(dataset: MVTecDataset, batch_size: int = 32) -> _Batches:
 
 
 
+def normalize(images: Tensor) -> Tensor:
+    """Pixels in [0, 1] ``(..., 3, H, W)`` -> ImageNet-normalized detector input."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(3, 1, 1)
+    return (images - mean) / std
+
+
 def denormalize(images: Tensor) -> Tensor:
     """ImageNet-normalized ``(..., 3, H, W)`` back to [0, 1] for display."""
     mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(3, 1, 1)
@@ -509,14 +427,6 @@ def denormalize(images: Tensor) -> Tensor:
 
 _EXTRACTING = ".adlib-extracting"   # in a category folder while download_mvtec extracts into it
 _COMPLETE = ".complete"             # written there once the extraction is done
-
-
-def _sha256(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class _FetchFailed(Exception):
@@ -764,7 +674,7 @@ def download_mvtec(root: str | os.PathLike | None = None, categories: str | list
                           f"continue from there." if size else "")
                 raise DataError(f"Could not download MVTec AD '{category}' from {source}: {err}.{resume}\n"
                                 f"{_placement_help(category, root)}") from None
-            if expected and (actual := _sha256(partial)) != expected:
+            if expected and (actual := file_sha256(partial)) != expected:
                 raise DataError(f"{source}: SHA-256 mismatch for MVTec AD '{category}': expected {expected}, actual "
                                 f"{actual}; {_set_aside(partial, kept)}. Nothing was extracted; call again to "
                                 f"download afresh.")
@@ -778,7 +688,7 @@ def download_mvtec(root: str | os.PathLike | None = None, categories: str | list
         else:
             how = ("This file was already there (adlib did not download it now) and is left as it is: move or "
                    "delete it yourself to download afresh")
-            if expected and (actual := _sha256(archive)) != expected:
+            if expected and (actual := file_sha256(archive)) != expected:
                 raise DataError(f"{archive}: SHA-256 {actual} does not match the expected {expected}. {how}, or pass "
                                 f"sha256={{{category!r}: None}} to extract it unchecked")
             try:

@@ -149,7 +149,7 @@ class Evaluation:
 
 
 def _device_of(detector: Detector) -> torch.device:
-    dev = getattr(detector, "_device", None)
+    dev = getattr(detector, "device_", None)
     return torch.device(dev) if dev is not None else torch.device("cpu")
 
 

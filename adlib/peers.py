@@ -103,7 +103,7 @@ class _AnomalibDetector(Detector):
     model: Any
 
     def __post_init__(self) -> None:
-        self._device = default_device(self.device)
+        self.device_ = default_device(self.device)
         self.model = None
 
     def _build(self) -> Any:  # pragma: no cover - interface
@@ -112,13 +112,13 @@ class _AnomalibDetector(Detector):
     def _new_model(self) -> Any:
         with local_timm_weights(self.backbone):
             torch.manual_seed(self.seed)  # anomalib draws PaDiM's channels and the coreset start from it
-            return self._build().to(self._device)
+            return self._build().to(self.device_)
 
     def _predict(self, images: Tensor) -> tuple[Tensor, Tensor]:
         if self.model is None:
             raise RuntimeError(f"{type(self).__name__} is not fitted: call fit() first")
         self.model.eval()
-        out = self.model(images.to(self._device))
+        out = self.model(images.to(self.device_))
         return out.pred_score.reshape(-1), out.anomaly_map.reshape(len(images), *images.shape[-2:])
 
     def state_dict(self) -> dict[str, Tensor]:
@@ -150,7 +150,7 @@ class AnomalibPatchCore(_AnomalibDetector):
         self.model = self._new_model()
         self.model.train()
         for batch in tqdm(train, desc="anomalib patchcore features", leave=False):
-            self.model(batch.to(self._device))
+            self.model(batch.to(self.device_))
         self.model.subsample_embedding(self.coreset_ratio)  # anomalib's KCenterGreedy
 
 
@@ -175,7 +175,7 @@ class AnomalibPaDiM(_AnomalibDetector):
         self.model = self._new_model()
         self.model.train()
         for batch in tqdm(train, desc="anomalib padim features", leave=False):
-            self.model(batch.to(self._device))
+            self.model(batch.to(self.device_))
         self.model.fit()  # anomalib's MultiVariateGaussian over all stored embeddings
 
 
@@ -297,4 +297,4 @@ def _anomalib_patch_features(images: Tensor, device: str | None) -> Tensor:
     model = peer._new_model()
     model.train()
     with torch.no_grad():
-        return model(images.to(peer._device)).detach().cpu()
+        return model(images.to(peer.device_)).detach().cpu()

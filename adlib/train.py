@@ -273,7 +273,7 @@ def _set_rng_state(state: dict[str, Tensor], device: torch.device) -> None:
 # The loop
 # ---------------------------------------------------------------------------------------------
 
-def _autocast(device: torch.device, enabled: bool) -> tuple[Any, torch.dtype | None]:
+def autocast(device: torch.device, enabled: bool) -> tuple[Any, torch.dtype | None]:
     """The autocast context and its dtype: bf16 where the GPU has it, else fp16; none on the CPU."""
     if not enabled or device.type != "cuda":
         return nullcontext(), None
@@ -354,7 +354,7 @@ def train(model: nn.Module, loss_fn: LossFn, data: Tensor | tuple[Tensor, ...] |
         raise ValueError("the model has no trainable parameters (requires_grad=False everywhere)")
     optimizer = _make_optimizer(params, config)
     schedule = _make_schedule(optimizer, total_steps, config)
-    autocast, amp_dtype = _autocast(device, config.amp)
+    amp_context, amp_dtype = autocast(device, config.amp)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     net = model
     if world > 1:
@@ -395,7 +395,7 @@ def train(model: nn.Module, loss_fn: LossFn, data: Tensor | tuple[Tensor, ...] |
             model.train()
             for batch, size in _epoch(data, stream, n, epoch, step - epoch * steps_per_epoch, config, rank, world):
                 batch = _to_device(batch, device)
-                with autocast:
+                with amp_context:
                     losses = loss_fn(net, batch)
                 loss = losses["loss"]
                 if not _all_finite(loss.detach(), world):   # every rank stops together, none hangs

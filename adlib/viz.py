@@ -14,7 +14,8 @@ from torch import Tensor
 from . import metrics
 from .data import denormalize
 
-__all__ = ["use_style", "show_image", "overlay", "heatmap_rgb", "plot_roc", "plot_score_histogram", "example_grid",
+__all__ = ["use_style", "show_image", "overlay", "heatmap_rgb", "plot_roc", "plot_score_histogram",
+           "plot_pixel_score_histogram", "example_grid",
            "failure_grid", "NORMAL_COLOR", "ANOMALY_COLOR"]
 
 NORMAL_COLOR = "#2b83ba"
@@ -112,6 +113,36 @@ def plot_score_histogram(scores: Any, labels: Any, ax: plt.Axes | None = None, t
     ax.set(xlabel="anomaly score", ylabel="images", title=title)
     ax.legend()
     return ax.figure
+
+
+def plot_pixel_score_histogram(maps: Tensor, labels: Tensor, masks: Tensor, ax: plt.Axes | None = None,
+                               title: str = "pixel scores", bins: int = 60) -> float:
+    """Densities of normal pixels (all pixels of the normal test images) against defect pixels (inside
+    the masks) of ``maps (N, H, W)``, each divided by the median normal pixel's score so that two
+    backbones share one scale. ``labels (N,)``, ``masks (N, H, W)`` or ``(N, 1, H, W)``.
+
+    Returns the defect median over the normal median (NaN without defect pixels); the title says it.
+    """
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5, 3.2))
+    maps = maps.float().cpu()
+    masks = masks.cpu().reshape(maps.shape) > 0.5
+    normal_px = maps[labels.cpu() == 0].flatten()
+    defect_px = maps[masks]
+    if len(normal_px) == 0:
+        raise ValueError("the test images hold no normal image: there is no normal pixel to compare with")
+    scale = normal_px.median()
+    top = float(torch.quantile(defect_px / scale, 0.99)) if len(defect_px) else 3.0
+    edges = np.linspace(0, top, bins)
+    ax.hist((normal_px / scale).numpy(), bins=edges, density=True, alpha=0.6, color=NORMAL_COLOR, label="normal pixels")
+    ratio = float("nan")
+    if len(defect_px):
+        ax.hist((defect_px / scale).numpy(), bins=edges, density=True, alpha=0.6, color=ANOMALY_COLOR,
+                label="defect pixels")
+        ratio = float(defect_px.median() / scale)
+        title = f"{title}: defect median = {ratio:.2f} x normal median"
+    ax.set(xlabel="pixel score / median normal pixel score", title=title)
+    return ratio
 
 
 def example_grid(images: Tensor, maps: Tensor | None = None, masks: Tensor | None = None,

@@ -9,7 +9,7 @@ import skimage.data
 import torch
 import torch.nn.functional as F
 
-from adlib.backbones import FeatureExtractor, fold_batchnorm, imagenet_categories, load_efficientnet_lite
+from adlib.backbones import FeatureExtractor, WeightsUnavailableError, fold_batchnorm, imagenet_categories, load_efficientnet_lite
 from adlib.data import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -81,7 +81,7 @@ def test_torchvision_offline_error_names_the_alternative(monkeypatch, tmp_path):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
-    with pytest.raises(RuntimeError, match="efficientnet_lite0"):
+    with pytest.raises(WeightsUnavailableError, match="efficientnet_lite0"):
         FeatureExtractor("resnet18", device="cpu")
 
 

@@ -92,3 +92,20 @@ def test_write_table_writes_markdown_and_csv_with_missing_values(tmp_path, capsy
     with open(tmp_path / "out" / "table.csv") as f:
         read = list(csv.DictReader(f))
     assert [r["name"] for r in read] == ["a", "b"] and read[0]["missing"] == "" and float(read[0]["value"]) == 0.123456
+
+
+def test_export_row_times_both_runtimes_per_image_and_checks_the_maps(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from adlib.data import normalize
+    from adlib.detectors import get_detector
+
+    pixels = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    detector = get_detector("autoencoder", epochs=1).fit(normalize(torch.rand(4, 3, 64, 64)))
+    from adlib.data import Preprocessing
+    detector.preprocessing = Preprocessing(image_size=64)
+    row = bench.bench_export(detector, pixels, tmp_path / "ae.onnx", repeat=1)
+    assert (row["kernel"], row["peer"], row["size"]) == ("autoencoder predict", "onnxruntime", "3 images 64px")
+    assert row["adlib_s"] > 0 and row["peer_s"] > 0
+    assert row["speedup"] == pytest.approx(row["peer_s"] / row["adlib_s"])
+    assert row["max_rel_err"] < 1e-4
+    assert (tmp_path / "ae.onnx").is_file()

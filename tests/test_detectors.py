@@ -114,7 +114,7 @@ def test_saved_file_is_safetensors_not_pickle(synthetic_sets, tmp_path):
 
 def test_registry_and_bad_input():
     assert "pixel_stats" in adlib.DETECTORS
-    with pytest.raises(KeyError, match="unknown method"):
+    with pytest.raises(ValueError, match="unknown method"):
         get_detector("nope")
     with pytest.raises(TypeError, match="no hyper-parameter"):
         get_detector("pixel_stats", coreset_ratio=0.1)

@@ -177,4 +177,4 @@ def test_device_object_is_a_run_setting_not_saved(synthetic_root, tmp_path):
     detector.save(tmp_path / "d.safetensors")          # TypeError on today's main
     with safe_open(str(tmp_path / "d.safetensors"), framework="pt") as f:
         assert "device" not in f.metadata()["hyper"]
-    assert load_detector(tmp_path / "d.safetensors", device="cpu")._device == torch.device("cpu")
+    assert load_detector(tmp_path / "d.safetensors", device="cpu").device_ == torch.device("cpu")

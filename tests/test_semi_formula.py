@@ -134,6 +134,23 @@ def test_probe_sees_bigger_changes_inside_blobs_and_for_stronger_blobs():
     assert probe(net, strong, 1)["total"].mean() > probe(net, weak, 1)["total"].mean()
 
 
+def test_probe_batch_statistics_change_a_scratch_net_and_leave_its_running_statistics_alone():
+    from adlib.pretrain.semi_formula import probe
+
+    normals = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(5)) * 0.4 - 0.2
+    stream = SemiFormulaStream(normals, SemiFormulaRecipe(images=32, batch_size=8), "cpu")
+    net = SemiFormulaNet("efficientnet_lite0", init="scratch")
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    running = probe(net, stream, 1, batch_norm="running")
+    batch = probe(net, stream, 1, batch_norm="batch")
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())   # nothing updated
+    assert not torch.allclose(running["total"], batch["total"])                  # the mode matters
+    assert torch.equal(running["score"], batch["score"])                         # same samples
+    assert not net.training
+    with pytest.raises(ValueError, match="batch_norm"):
+        probe(net, stream, 1, batch_norm="train")
+
+
 def test_recipe_and_stream_refuse_bad_input():
     with pytest.raises(ValueError, match="losses"):
         SemiFormulaRecipe(losses="contrastive")

@@ -91,14 +91,14 @@ class Autoencoder(Detector):
 
     def __post_init__(self) -> None:
         self.widths = tuple(self.widths)
-        self._device = default_device(self.device)
+        self.device_ = default_device(self.device)
         if not 0.0 <= self.holdout < 1.0:
             raise ValueError(f"holdout must be in [0, 1), got {self.holdout}")
 
     def _build(self, image_size: int) -> None:
         with torch.random.fork_rng(devices=[]):  # same seed, same initial weights; global RNG untouched
             torch.manual_seed(self.seed)
-            self.net = ConvAutoencoder(image_size, self.widths, self.latent_dim).to(self._device)
+            self.net = ConvAutoencoder(image_size, self.widths, self.latent_dim).to(self.device_)
 
     @staticmethod
     def _collect(train: Iterable[Tensor]) -> Tensor:
@@ -134,7 +134,7 @@ class Autoencoder(Detector):
         # cosine decay: the last steps are small, so the final weights are not a noisy snapshot
         config = TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
                              weight_decay=self.weight_decay, schedule="cosine", seed=self.seed,
-                             device=self._device, min_batch=2 if len(train_idx) >= 2 else 1,  # batch norm
+                             device=self.device_, min_batch=2 if len(train_idx) >= 2 else 1,  # batch norm
                              desc="autoencoder fit")
         self.train_history = train_loop(self.net, _mse_loss, pixels[train_idx], config, on_epoch_end=holdout_loss)
         self.history = {"train_loss": self.train_history.epoch.get("loss", []),
@@ -147,7 +147,7 @@ class Autoencoder(Detector):
     def _scores(self, pixels: Tensor, batch_size: int = 32) -> Tensor:
         self.net.eval()
         out = [reconstruction_error(x, self.net(x)).mean((1, 2)).cpu()
-               for x in pixels.to(self._device).split(batch_size)]
+               for x in pixels.to(self.device_).split(batch_size)]
         return torch.cat(out)
 
     @torch.no_grad()
@@ -161,11 +161,16 @@ class Autoencoder(Detector):
             raise ValueError(f"images are {tuple(images.shape[-2:])}, the autoencoder was fitted on "
                              f"({size}, {size})")
         self.net.eval()
-        return self.net(denormalize(images.float()).to(self._device))
+        return self.net(denormalize(images.float()).to(self.device_))
 
     def _predict(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        maps = reconstruction_error(denormalize(images.float()).to(self._device), self.reconstruct(images))
+        maps = reconstruction_error(denormalize(images.float()).to(self.device_), self.reconstruct(images))
         return maps.mean((1, 2)), maps
+
+    def scoring_module(self) -> nn.Module:
+        if self.net is None:
+            raise RuntimeError("Autoencoder is not fitted: call fit() first")
+        return _AutoencoderScoring(self.net.eval())
 
     def state_dict(self) -> dict[str, Tensor]:
         if self.net is None:
@@ -185,3 +190,17 @@ class Autoencoder(Detector):
         if "threshold" in state:
             self.threshold = float(state["threshold"])
             self.holdout_scores = state["holdout_scores"]
+
+
+class _AutoencoderScoring(nn.Module):
+    """The autoencoder's predict as a plain module: reconstruct the pixels, the error map, its mean."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        pixels = denormalize(images)
+        maps = reconstruction_error(pixels, self.net(pixels))
+        return maps.mean((1, 2)), maps
+

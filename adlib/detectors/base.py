@@ -52,7 +52,7 @@ def register(name: str) -> Callable[[type[D]], type[D]]:
 def get_detector(name: str, **hyper: Any) -> "Detector":
     """A new, unfitted detector of the method ``name`` with hyper-parameters overriding the defaults."""
     if name not in DETECTORS:
-        raise KeyError(f"unknown method {name!r}; registered: {sorted(DETECTORS)}")
+        raise ValueError(f"unknown method {name!r}; registered: {sorted(DETECTORS)}")
     cls = DETECTORS[name]
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = set(hyper) - fields
@@ -111,13 +111,16 @@ class Detector:
     ``state_dict`` and ``load_state_dict``; this class gives the checked ``fit``/``predict``,
     ``save``/``load`` and ``hyper``.
 
-    What every fitted detector knows besides its method's state: ``input_size`` ``(H, W)`` of the
+    ``device_`` is where it computes (its ``device`` setting resolved by
+    :func:`adlib.settings.default_device`). What every fitted detector knows besides its method's
+    state: ``input_size`` ``(H, W)`` of the
     images it was fitted on (``predict`` refuses another size), ``preprocessing`` (how files became
     those images, when it was fitted from a dataset: ``predict_files`` and the CLI use it) and an
     optional decision ``threshold`` on the image score. All three are saved with the detector.
     """
 
     name: ClassVar[str] = "detector"
+    device_: torch.device = torch.device("cpu")   # where it computes: the ``device`` setting, resolved
     input_size: tuple[int, int] | None = None
     preprocessing: "Preprocessing | None" = None
     threshold: float | None = None
@@ -172,6 +175,13 @@ class Detector:
     def _predict(self, images: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def scoring_module(self) -> torch.nn.Module:
+        """The fitted scoring path as one plain module for export (:mod:`adlib.export`):
+        ImageNet-normalized ``(B, 3, H, W)`` -> ``(scores (B,), maps (B, H, W))``, the same values as
+        :meth:`predict` from standard tensor operations only (no input checks, no custom kernels)."""
+        raise NotImplementedError(f"{self.name} cannot be exported; the methods that can: "
+                                  f"{sorted(n for n, c in DETECTORS.items() if c.scoring_module is not Detector.scoring_module)}")
+
     def state_dict(self) -> dict[str, Tensor]:  # pragma: no cover - interface
         raise NotImplementedError
 
@@ -214,7 +224,7 @@ class FeatureDetector(Detector):
     def __post_init__(self) -> None:
         self.strides = tuple(self.strides)
         self.backbone = os.fspath(self.backbone)
-        self._device = default_device(self.device)
+        self.device_ = default_device(self.device)
         self._extractor: FeatureExtractor | None = None
         self._expected_backbone_sha256: str | None = None   # set when loaded from a detector file
 
@@ -222,7 +232,7 @@ class FeatureDetector(Detector):
     def extractor(self) -> FeatureExtractor:
         """The backbone's :class:`~adlib.backbones.FeatureExtractor` for ``strides``, on the device."""
         if self._extractor is None:
-            extractor = FeatureExtractor(self.backbone, self.strides, self._device)
+            extractor = FeatureExtractor(self.backbone, self.strides, self.device_)
             _check_backbone_hash(self.backbone, extractor.sha256, self._expected_backbone_sha256)
             self._extractor = extractor
         return self._extractor
@@ -262,7 +272,12 @@ def load_detector(path: str | os.PathLike, device: str | torch.device | None = N
         if "device" not in {f.name for f in dataclasses.fields(DETECTORS[meta["method"]]) if f.init}:
             raise ValueError(f"{meta['method']} runs on the CPU only; drop the device argument")
         hyper["device"] = str(device)
-    detector = get_detector(meta["method"], **hyper)
+    if meta["method"] not in DETECTORS:
+        raise ValueError(f"{path}: a {meta['method']!r} detector, a method this adlib does not know")
+    try:
+        detector = get_detector(meta["method"], **hyper)
+    except TypeError as err:      # hyper-parameters this version does not have: another version's file
+        raise ValueError(f"{path}: {err} (written by another version of adlib?)") from None
     if "backbone_sha256" in meta:
         backbone = hyper["backbone"]
         actual = file_sha256(backbone) if os.path.isfile(backbone) else None

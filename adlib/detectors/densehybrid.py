@@ -44,9 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from ..backbones import _LITE_VARIANTS as LITE_VARIANTS
-from ..backbones import DEFAULT_BACKBONE, FeatureExtractor, build_architecture, concat_stages, input_affine
-from ..pretrain.centering import _trainable_prefixes
+from ..backbones import DEFAULT_BACKBONE, LITE_VARIANTS, FeatureExtractor, build_architecture, concat_stages, input_affine, trainable_prefix
 from ..data import IMAGENET_MEAN, IMAGENET_STD
 from ..negatives import SHAPES, PhotoNegatives, paste_negatives
 from ..train import History, TrainConfig, train as train_loop
@@ -173,7 +171,7 @@ class _Backbone(nn.Module):
             self.register_buffer("shift", shift)
             self.channels = sum(self.net.stage_features(torch.zeros(1, 3, 32, 32), (8, 16))[s].shape[1] for s in (8, 16))
             self.__dict__["classifier"] = None
-            used = _trainable_prefixes(self.net, 16)          # blocks past stride 16 are never run
+            used = trainable_prefix(self.net, 16)          # blocks past stride 16 are never run
         self.net.requires_grad_(False)
         for module in used:
             module.requires_grad_(trainable)
@@ -262,7 +260,7 @@ class DenseHybrid(Detector):
             self.negative_masks = os.fspath(self.negative_masks)
         from ..settings import default_device
 
-        self._device = default_device(self.device)
+        self.device_ = default_device(self.device)
         self._backbone: _Backbone | None = None
         self._extractor: FeatureExtractor | None = None
 
@@ -286,7 +284,7 @@ class DenseHybrid(Detector):
     def _backbone_net(self) -> _Backbone:
         if self._backbone is None:
             with torch.random.fork_rng(devices=[]):
-                self._backbone = _Backbone(self.backbone, trainable=self.freeze == "none").to(self._device)
+                self._backbone = _Backbone(self.backbone, trainable=self.freeze == "none").to(self.device_)
         return self._backbone
 
     def _uses_extractor(self) -> bool:
@@ -295,7 +293,7 @@ class DenseHybrid(Detector):
 
     def _lite_extractor(self) -> FeatureExtractor:
         if self._extractor is None:
-            self._extractor = FeatureExtractor(self.backbone, (8, 16), self._device)
+            self._extractor = FeatureExtractor(self.backbone, (8, 16), self.device_)
         return self._extractor
 
     def _features(self, images: Tensor) -> Tensor:
@@ -304,7 +302,7 @@ class DenseHybrid(Detector):
             feats = self._lite_extractor()(images)
             return concat_stages(feats, tuple(feats[8].shape[-2:]), mode="bilinear")
         with torch.no_grad():
-            return self._backbone_net()(images.to(self._device))
+            return self._backbone_net()(images.to(self.device_))
 
     def _build_head(self) -> None:
         """A new head, seeded (the backbone is built first, so its construction cannot shift the seed)."""
@@ -319,7 +317,7 @@ class DenseHybrid(Detector):
                 self.head = DenseHybridHead.from_torchvision(classifier)
             else:
                 self.head = DenseHybridHead(channels, self.head_channels)
-        self.head.to(self._device)
+        self.head.to(self.device_)
 
     def negative_source(self) -> PhotoNegatives:
         """Where pasted pieces come from: the offline photographs, or the folder ``negatives``."""
@@ -362,7 +360,7 @@ class DenseHybrid(Detector):
             net: nn.Module = _FullNet(self._backbone_net(), self.head)
         else:
             store = torch.float16 if self.backbone == TORCHVISION_DEEPLAB else torch.float32   # 2048 channels: halved
-            feats = torch.cat([self._features(b.to(self._device)).to("cpu", store) for b in tqdm(
+            feats = torch.cat([self._features(b.to(self.device_)).to("cpu", store) for b in tqdm(
                 pasted.split(self.batch_size), desc="densehybrid features", leave=False)])
             data = (feats, _grid_cover(masks, tuple(feats.shape[-2:])))
             del pasted
@@ -394,7 +392,7 @@ class DenseHybrid(Detector):
             return densehybrid_loss(seg, outlier, cover, self.beta)
 
         config = TrainConfig(epochs=max(epochs, 0), batch_size=self.batch_size, lr=self.lr, seed=self.seed,
-                             device=self._device, min_batch=2, desc=desc)
+                             device=self.device_, min_batch=2, desc=desc)
         return train_loop(net, loss_fn, data, config)
 
     # -- predict --------------------------------------------------------------------------------
@@ -407,7 +405,7 @@ class DenseHybrid(Detector):
             raise RuntimeError("DenseHybrid is not fitted: call fit() first")
         check_images(images)
         self.head.eval()
-        seg, outlier = self.head(self._features(images.to(self._device)))
+        seg, outlier = self.head(self._features(images.to(self.device_)))
         log_density = torch.logsumexp(seg.float(), 1)
         return {"outlier": outlier.float(), "log_density": log_density, "density": -log_density,
                 "hybrid": F.logsigmoid(outlier.float()) - log_density}
@@ -416,6 +414,11 @@ class DenseHybrid(Detector):
         grid = self.maps(images)[self.score]
         maps = upsample_and_smooth(grid, tuple(images.shape[-2:]), self.sigma)
         return maps.flatten(1).amax(1), maps
+
+    def scoring_module(self) -> nn.Module:
+        if self.head is None:
+            raise RuntimeError("DenseHybrid is not fitted: call fit() first")
+        return _DenseHybridScoring(self)
 
     # -- files ----------------------------------------------------------------------------------
 
@@ -435,3 +438,27 @@ class DenseHybrid(Detector):
         if self.freeze == "none":
             self._backbone_net().load_state_dict({k[9:]: v for k, v in state.items() if k.startswith("backbone.")})
         self.head.eval()
+
+
+class _DenseHybridScoring(nn.Module):
+    """DenseHybrid's predict as a plain module: features, head, the chosen score map, smoothed."""
+
+    def __init__(self, detector: DenseHybrid):
+        super().__init__()
+        self.uses_extractor = detector._uses_extractor()
+        self.features = detector._lite_extractor() if self.uses_extractor else detector._backbone_net().eval()
+        self.head, self.score, self.sigma = detector.head.eval(), detector.score, detector.sigma
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        if self.uses_extractor:
+            feats = self.features(images)
+            feats = concat_stages(feats, tuple(feats[8].shape[-2:]), mode="bilinear")
+        else:
+            feats = self.features(images)
+        seg, outlier = self.head(feats)
+        log_density = torch.logsumexp(seg.float(), 1)
+        grid = {"outlier": outlier.float(), "density": -log_density,
+                "hybrid": F.logsigmoid(outlier.float()) - log_density}[self.score]
+        maps = upsample_and_smooth(grid, tuple(images.shape[-2:]), self.sigma)
+        return maps.flatten(1).amax(1), maps
+

@@ -127,7 +127,7 @@ class DFR(FeatureDetector):
     def _build(self, channels: int, latent_dim: int) -> None:
         with torch.random.fork_rng(devices=[]):  # same seed, same initial weights; global RNG untouched
             torch.manual_seed(self.seed)
-            self.net = FeatureAutoencoder(channels, latent_dim).to(self._device)
+            self.net = FeatureAutoencoder(channels, latent_dim).to(self.device_)
 
     def _fit(self, train: Iterable[Tensor]) -> None:
         """Extract features of all ``(B, 3, H, W)`` training batches once, then train for ``epochs``."""
@@ -153,7 +153,7 @@ class DFR(FeatureDetector):
     def _train(self, vectors: Tensor) -> None:
         """Minimize the MSE of ``(N, C)`` feature vectors on the shared loop (seeded shuffles)."""
         config = TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, schedule="cosine",
-                             seed=self.seed, device=self._device, min_batch=2, desc="dfr fit")  # batch norm: 2
+                             seed=self.seed, device=self.device_, min_batch=2, desc="dfr fit")  # batch norm: 2
         self.train_history = train_loop(self.net, _vector_mse, vectors, config)
         self.history = self.train_history.epoch.get("loss", [])
 
@@ -171,6 +171,11 @@ class DFR(FeatureDetector):
             raise RuntimeError("DFR is not fitted: call fit() first")
         return self._image_scores_and_maps(self.embed(images), tuple(images.shape[-2:]))
 
+    def scoring_module(self) -> nn.Module:
+        if self.net is None:
+            raise RuntimeError("DFR is not fitted: call fit() first")
+        return _DFRScoring(self)
+
     def state_dict(self) -> dict[str, Tensor]:
         if self.net is None:
             return {}
@@ -185,6 +190,47 @@ class DFR(FeatureDetector):
         self._build(channels, latent)
         self.net.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("net.")})
         self.net.eval()
-        self.feature_mean = state["feature_mean"].to(self._device)
-        self.feature_std = state["feature_std"].to(self._device)
+        self.feature_mean = state["feature_mean"].to(self.device_)
+        self.feature_std = state["feature_std"].to(self.device_)
         self.threshold = float(state["threshold"])
+
+
+class _DFRScoring(nn.Module):
+    """DFR's predict as a plain module for the fitted image size: regional features (the regions'
+    average pools with sizes fixed here, as an ONNX graph needs), standardized, through the autoencoder."""
+
+    def __init__(self, dfr: DFR):
+        super().__init__()
+        self.extractor, self.net, self.sigma = dfr.extractor, dfr.net.eval(), dfr.sigma
+        self.size = tuple(dfr.input_size)
+        self.grid = (-(-self.size[0] // dfr.grid_stride), -(-self.size[1] // dfr.grid_stride))
+        with torch.no_grad():
+            probe = self.extractor(torch.zeros(1, 3, *self.size, device=self.extractor.device))
+        self.pools = {s: _region_pool(tuple(f.shape[-2:]), self.grid) for s, f in probe.items()}
+        self.register_buffer("feature_mean", dfr.feature_mean.view(1, -1, 1, 1))
+        self.register_buffer("feature_std", dfr.feature_std.view(1, -1, 1, 1))
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        stages = []
+        for stride, x in sorted(self.extractor(images).items()):
+            pool = self.pools[stride]
+            if pool is None:
+                x = F.interpolate(x, size=self.grid, mode="bilinear", align_corners=False) if (
+                    tuple(x.shape[-2:]) != self.grid) else x
+            else:
+                x = F.avg_pool2d(x, pool) if pool != (1, 1) else x
+            stages.append(x)
+        emb = (torch.cat(stages, 1) - self.feature_mean) / self.feature_std
+        maps = upsample_and_smooth((self.net(emb) - emb).pow(2).mean(1), self.size, self.sigma)
+        return maps.flatten(1).amax(1), maps
+
+
+def _region_pool(stage: tuple[int, int], grid: tuple[int, int]) -> tuple[int, int] | None:
+    """The average pool that equals :func:`regional_features`'s adaptive pool from a ``stage`` grid to
+    ``grid``: ``(kh, kw)``; None for a stage no finer than ``grid`` (upsampled instead)."""
+    if stage[0] <= grid[0] and stage[1] <= grid[1]:
+        return None if stage != grid else (1, 1)
+    if stage[0] % grid[0] or stage[1] % grid[1]:
+        raise ValueError(f"a stage of {stage} cannot be exported onto a {grid} grid (not a whole number of cells); "
+                         f"export at an image size divisible by 32")
+    return stage[0] // grid[0], stage[1] // grid[1]

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from ..backbones import DEFAULT_BACKBONE, concat_stages
@@ -83,5 +83,36 @@ class PaDiM(FeatureDetector):
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.channels = state["channels"]
-        self.mean, self.chol = state["mean"].to(self._device), state["chol"].to(self._device)
+        self.mean, self.chol = state["mean"].to(self.device_), state["chol"].to(self.device_)
         self.grid = tuple(int(v) for v in state["grid"])
+
+    def scoring_module(self) -> nn.Module:
+        if self.mean is None:
+            raise RuntimeError("PaDiM is not fitted: call fit() first")
+        return _PaDiMScoring(self)
+
+
+class _PaDiMScoring(nn.Module):
+    """PaDiM's predict as a plain module: the Mahalanobis distance as ``|W_p (x_p - mu_p)|`` with the
+    whitening ``W_p = L_p^{-1}`` inverted once in float64 (a graph has no triangular solve)."""
+
+    def __init__(self, padim: PaDiM):
+        super().__init__()
+        self.extractor, self.strides, self.sigma = padim.extractor, padim.strides, padim.sigma
+        self.register_buffer("channels", padim.channels.to(padim.mean.device))
+        self.register_buffer("mean", padim.mean.float())
+        eye = torch.eye(padim.chol.shape[-1], dtype=torch.float64, device=padim.chol.device)
+        whitening = torch.linalg.solve_triangular(padim.chol.double(), eye.expand_as(padim.chol), upper=False)
+        self.register_buffer("whitening", whitening.float())                     # (P, d, d)
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        feats = self.extractor(images)
+        grid = tuple(feats[min(self.strides)].shape[-2:])
+        emb = concat_stages(feats, grid, mode="nearest").index_select(1, self.channels)   # (B, d, h, w)
+        b, d, h, w = emb.shape
+        diff = emb.flatten(2).permute(2, 0, 1) - self.mean[:, None, :]          # (P, B, d)
+        z = torch.matmul(diff, self.whitening.transpose(1, 2))                  # (P, B, d)
+        dist = z.pow(2).sum(-1).sqrt().t().reshape(b, h, w)
+        maps = upsample_and_smooth(dist, tuple(images.shape[-2:]), self.sigma)
+        return maps.flatten(1).amax(1), maps
+

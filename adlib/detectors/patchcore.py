@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from ..backbones import DEFAULT_BACKBONE, concat_stages
@@ -112,11 +112,16 @@ class PatchCore(FeatureDetector):
         weight = 1 - torch.softmax(dists, dim=1)[:, 0]
         return weight * best
 
+    def scoring_module(self) -> nn.Module:
+        if self.memory_bank is None:
+            raise RuntimeError("PatchCore is not fitted: call fit() first")
+        return _PatchCoreScoring(self)
+
     def state_dict(self) -> dict[str, Tensor]:
         return {} if self.memory_bank is None else {"memory_bank": self.memory_bank}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.memory_bank = state["memory_bank"].to(self._device)
+        self.memory_bank = state["memory_bank"].to(self.device_)
 
 
 def _expected_rows(train: Iterable[Tensor], first: Tensor) -> int:
@@ -128,3 +133,45 @@ def _expected_rows(train: Iterable[Tensor], first: Tensor) -> int:
         return 0
     b, _, h, w = first.shape
     return ((n_batches - 1) * b + 1) * h * w
+
+
+def _nearest(queries: Tensor, bank: Tensor, bank_sq: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """``k`` nearest rows of ``bank (M, D)`` for ``queries (Q, D)``: found by the expanded squared
+    distance, then measured again directly (the expansion loses digits on near neighbours).
+    Returns distances ``(Q, k)`` and indices ``(Q, k)``."""
+    approx = bank_sq[None] - 2.0 * queries @ bank.t()                          # |b|^2 - 2 q.b
+    idx = torch.topk(approx, k, dim=1, largest=False).indices                   # (Q, k)
+    dist = (bank[idx] - queries[:, None]).pow(2).sum(-1).sqrt()
+    return dist, idx
+
+
+class _PatchCoreScoring(nn.Module):
+    """PatchCore's predict as a plain module: nearest bank patch by matrix product and top-k."""
+
+    def __init__(self, patchcore: PatchCore):
+        super().__init__()
+        self.extractor, self.strides, self.patch_size = patchcore.extractor, patchcore.strides, patchcore.patch_size
+        self.sigma, self.reweight = patchcore.sigma, patchcore.reweight
+        self.k = min(patchcore.num_neighbors, patchcore.memory_bank.shape[0])
+        self.register_buffer("bank", patchcore.memory_bank.float())
+        self.register_buffer("bank_sq", patchcore.memory_bank.float().pow(2).sum(1))
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        feats = self.extractor(images)
+        grid = tuple(feats[min(self.strides)].shape[-2:])
+        emb = concat_stages(feats, grid, mode="bilinear", aggregate=self.patch_size)
+        b, d, h, w = emb.shape
+        patches = emb.permute(0, 2, 3, 1).reshape(-1, d)
+        dist, idx = _nearest(patches, self.bank, self.bank_sq, 1)
+        patch_scores = dist[:, 0].reshape(b, h * w)
+        best, where = patch_scores.max(1)
+        scores = best
+        if self.reweight:
+            test_patch = torch.gather(patches.reshape(b, h * w, d), 1, where[:, None, None].expand(b, 1, d))[:, 0]
+            anchor = self.bank[torch.gather(idx[:, 0].reshape(b, h * w), 1, where[:, None])[:, 0]]
+            _, neighbours = _nearest(anchor, self.bank, self.bank_sq, self.k)
+            dists = (self.bank[neighbours] - test_patch[:, None]).pow(2).sum(-1).sqrt()
+            scores = (1 - torch.softmax(dists, dim=1)[:, 0]) * best
+        maps = upsample_and_smooth(patch_scores.reshape(b, h, w), tuple(images.shape[-2:]), self.sigma)
+        return scores, maps
+

@@ -32,7 +32,7 @@ class PixelStats(Detector):
     std: Tensor | None = field(default=None, init=False, repr=False)   # (3, H, W)
 
     def __post_init__(self) -> None:
-        self._device = default_device(self.device)
+        self.device_ = default_device(self.device)
 
     def _fit(self, train: Iterable[Tensor]) -> None:
         """Streaming float64 sums over ``(B, 3, H, W)`` batches -> mean, std ``(3, H, W)``."""
@@ -40,7 +40,7 @@ class PixelStats(Detector):
         count = 0
         for batch in tqdm(train, desc="pixel_stats fit", leave=False):
             check_images(batch)
-            x = batch.to(self._device, torch.float64)
+            x = batch.to(self.device_, torch.float64)
             if total is None:
                 total, total_sq = x.sum(0), (x * x).sum(0)
             else:
@@ -64,7 +64,7 @@ class PixelStats(Detector):
         if images.shape[1:] != self.mean.shape:
             raise ValueError(f"images are {tuple(images.shape[1:])}, the detector was fitted on "
                              f"{tuple(self.mean.shape)}")
-        z = (images.to(self._device, torch.float32) - self.mean) / self.std
+        z = (images.to(self.device_, torch.float32) - self.mean) / self.std
         maps = gaussian_blur((z * z).mean(1), self.sigma)
         return maps.flatten(1).amax(1), maps
 
@@ -72,5 +72,5 @@ class PixelStats(Detector):
         return {} if self.mean is None else {"mean": self.mean, "std": self.std}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.mean = state["mean"].to(self._device)
-        self.std = state["std"].to(self._device)
+        self.mean = state["mean"].to(self.device_)
+        self.std = state["std"].to(self.device_)

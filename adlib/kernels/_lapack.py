@@ -30,7 +30,7 @@ from ..settings import ctypes_disabled
 
 # The C signature of every routine bound here, ``{r}`` the real type (float for the ``s``
 # routines, double for ``d``), as SciPy declares them: every argument a pointer (Fortran
-# convention), in the order _LowerTriangles passes them. The argument count comes from here too.
+# convention), in the order LowerTriangles passes them. The argument count comes from here too.
 _SIGNATURES = {
     "potrf": "void (char *, int *, {r} *, int *, int *)",
     "syrk": "void (char *, char *, int *, int *, {r} *, {r} *, int *, {r} *, {r} *, int *)",
@@ -133,7 +133,7 @@ def _nogil_routine(name: str) -> Callable[..., None]:
     return ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * n_args)(get_pointer(capsule, get_name(capsule)))
 
 
-class _LowerTriangles:
+class LowerTriangles:
     """BLAS/LAPACK on the lower triangles (C order) of C-contiguous ``(C, C)`` float32/float64
     matrices, given by address (``array.ctypes.data``), each call without the GIL.
 

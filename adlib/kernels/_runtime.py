@@ -1,9 +1,9 @@
 """Runtime helpers shared by the kernels: input checks, exact float32 products, the CPU threads.
 
 - ``DEFAULT_BUDGET_MB``: the default bound, in MB, on the extra memory of a kernel's work tiles.
-- :func:`_check_matrix`: refuses anything but a 2-D ``(N, D)`` floating-point tensor, clearly.
-- :func:`_exact_fp32`: TF32 off for the distance products (CUDA).
-- :func:`_in_threads`: ``work(i0, i1)`` over chunks of ``n_items``, one thread per core, each
+- :func:`check_matrix`: refuses anything but a 2-D ``(N, D)`` floating-point tensor, clearly.
+- :func:`exact_fp32`: TF32 off for the distance products (CUDA).
+- :func:`in_threads`: ``work(i0, i1)`` over chunks of ``n_items``, one thread per core, each
   with a single-threaded BLAS (the CPU paths of k-NN and the Gaussians).
 """
 
@@ -24,7 +24,7 @@ DEFAULT_BUDGET_MB = 256.0
 # Input checks shared by the kernels
 # ---------------------------------------------------------------------------------------------
 
-def _check_matrix(name: str, x: Tensor, allow_empty: bool = False) -> None:
+def check_matrix(name: str, x: Tensor, allow_empty: bool = False) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.ndim != 2:
@@ -36,7 +36,7 @@ def _check_matrix(name: str, x: Tensor, allow_empty: bool = False) -> None:
 
 
 @contextlib.contextmanager
-def _exact_fp32() -> Iterator[None]:
+def exact_fp32() -> Iterator[None]:
     """TF32 off for distance products: its 10-bit mantissa would break the 1e-4 accuracy."""
     saved = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -45,7 +45,7 @@ def _exact_fp32() -> Iterator[None]:
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved
 
-def _in_threads(n_items: int, chunk: int, work: Callable[[int, int], None]) -> None:
+def in_threads(n_items: int, chunk: int, work: Callable[[int, int], None]) -> None:
     """CPU: ``work(i0, i1)`` for every chunk of ``chunk`` items, the chunks dealt out round-robin to
     one thread per core, each thread with a single-threaded BLAS.
 

@@ -57,8 +57,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._runtime import _check_matrix, single_threaded_blas
-from .coreset import (STATE_BYTES_PER_POINT, _coreset_size, _seeded_start, greedy_projected, project_blocks,
+from ._runtime import check_matrix, single_threaded_blas
+from .coreset import (STATE_BYTES_PER_POINT, coreset_size, seeded_start, greedy_projected, project_blocks,
                       projection_matrix)
 
 __all__ = ["CoresetStream", "chunked_greedy_coreset", "reduce_chunk", "merge_by_radius", "ChunkCoreset",
@@ -104,7 +104,7 @@ def exact_bytes(n_points: int, dim: int, proj_dim: int, size: int) -> int:
 
 def chunk_start(n_rows: int, seed: int, index: int) -> int:
     """The seeded first centre of chunk ``index`` (``n_rows`` rows): the same on every rank."""
-    return _seeded_start(n_rows, seed * 1_000_003 + index)
+    return seeded_start(n_rows, seed * 1_000_003 + index)
 
 
 @dataclass
@@ -209,7 +209,7 @@ class CoresetStream:
 
     def add(self, rows: Tensor) -> None:
         """Append bank rows ``(B, D)``."""
-        _check_matrix("rows", rows)
+        check_matrix("rows", rows)
         if self.dim is None:
             self.dim = rows.shape[1]
             self.matrix = projection_matrix(self.dim, self.proj_dim, self.seed)
@@ -247,7 +247,7 @@ class CoresetStream:
             self._go_chunked()
 
     def _exact_bytes(self, n_points: int) -> int:
-        return exact_bytes(n_points, self.dim, self.proj_dim, _coreset_size(n_points, self.ratio, None))
+        return exact_bytes(n_points, self.dim, self.proj_dim, coreset_size(n_points, self.ratio, None))
 
     def _exact_message(self, n_points: int) -> str:
         need = self._exact_bytes(n_points)
@@ -296,7 +296,7 @@ class CoresetStream:
 
     def _share(self, end: int) -> int:
         """The coreset size of the first ``end`` rows: chunk shares sum to ``K`` exactly."""
-        return 0 if end == 0 else _coreset_size(end, self.ratio, None)
+        return 0 if end == 0 else coreset_size(end, self.ratio, None)
 
     def _reduce_ready(self) -> None:
         """Reduce the waiting chunks, one thread each; keep their selections."""
@@ -373,11 +373,11 @@ class CoresetStream:
 
     def _finish_exact(self) -> Tensor:
         self.scheme_used = "exact"
-        size = _coreset_size(self.n_points, self.ratio, None)
+        size = coreset_size(self.n_points, self.ratio, None)
         p = self.dim if self.matrix is None else self.matrix.shape[1]
         x = torch.empty(self.n_points, p, dtype=torch.float32, device=self.pieces[0].device)
         project_blocks(self._rows, self.n_points, self.matrix, x)
-        chosen = greedy_projected(x, size, _seeded_start(self.n_points, self.seed), progress=self.progress).selected
+        chosen = greedy_projected(x, size, seeded_start(self.n_points, self.seed), progress=self.progress).selected
         del x
         self.indices = chosen.cpu()
         starts = torch.tensor([0] + [piece.shape[0] for piece in self.pieces]).cumsum(0)
@@ -396,7 +396,7 @@ class CoresetStream:
             self.fill = None
         if self.ready:
             self._reduce_ready()
-        size = _coreset_size(self.n_points, self.ratio, None)
+        size = coreset_size(self.n_points, self.ratio, None)
         if self.second_round:
             return self._second_round(size)
         keep = merge_by_radius(self.chunks, size)
@@ -413,7 +413,7 @@ class CoresetStream:
         rows = torch.cat([c.rows for c in self.chunks])
         index = torch.cat([c.selected.cpu() + c.offset for c in self.chunks])
         self.chunks = []
-        chosen = greedy_projected(projected.contiguous(), size, _seeded_start(rows.shape[0], self.seed)).selected
+        chosen = greedy_projected(projected.contiguous(), size, seeded_start(rows.shape[0], self.seed)).selected
         self.indices = index[chosen.cpu()]
         return rows[chosen]
 
@@ -439,8 +439,8 @@ def chunked_greedy_coreset(features: Tensor, ratio: float | None = None, n: int 
                            threads: int | None = None) -> Tensor:
     """The chunked coreset of an in-memory bank ``features (N, D)``: indices ``(K,)`` int64, in
     chunk order (see the module docstring); ``K = n`` or ``max(1, round(ratio * N))``."""
-    _check_matrix("features", features)
-    size = _coreset_size(features.shape[0], ratio, n)
+    check_matrix("features", features)
+    size = coreset_size(features.shape[0], ratio, n)
     stream = CoresetStream(size / features.shape[0], "chunked", proj_dim=proj_dim, seed=seed,
                            chunk_points=chunk_points, oversample=oversample, second_round=second_round,
                            threads=threads)

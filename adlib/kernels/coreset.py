@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._runtime import _check_matrix, _exact_fp32, single_threaded_blas
+from ._runtime import check_matrix, exact_fp32, single_threaded_blas
 from .neighbours import knn
 
 #: A pruning step is taken when at most this fraction of the points pass its test; above it, the
@@ -75,7 +75,7 @@ def projection_matrix(n_features: int, dim: int = 128, seed: int = 0) -> Tensor 
     return torch.randn(n_features, dim, generator=generator) / math.sqrt(dim)
 
 
-def _coreset_size(n_points: int, ratio: float | None, n: int | None) -> int:
+def coreset_size(n_points: int, ratio: float | None, n: int | None) -> int:
     if (ratio is None) == (n is None):
         raise ValueError("give exactly one of ratio (0 < ratio <= 1) or n (1 <= n <= N)")
     if ratio is not None:
@@ -87,7 +87,7 @@ def _coreset_size(n_points: int, ratio: float | None, n: int | None) -> int:
     return int(n)
 
 
-def _seeded_start(n_points: int, seed: int) -> int:
+def seeded_start(n_points: int, seed: int) -> int:
     return int(torch.randint(n_points, (1,), generator=torch.Generator().manual_seed(seed)))
 
 
@@ -101,12 +101,12 @@ def greedy_coreset(features: Tensor, ratio: float | None = None, n: int | None =
     (:func:`plain_greedy_coreset`) given the same projection and start; see
     :func:`greedy_projected` for how a step is made cheap.
     """
-    _check_matrix("features", features)
-    size = _coreset_size(features.shape[0], ratio, n)
+    check_matrix("features", features)
+    size = coreset_size(features.shape[0], ratio, n)
     with torch.no_grad():
         x = random_projection(features, proj_dim, seed).contiguous()
         if start is None:
-            start = _seeded_start(x.shape[0], seed)
+            start = seeded_start(x.shape[0], seed)
         return greedy_projected(x, size, start, progress=progress).selected
 
 
@@ -164,12 +164,12 @@ def greedy_projected(x: Tensor, size: int, start: int, progress: bool = False) -
     (their GPU time is not measured yet: no GPU was lent when this was written).
     """
     if x.device.type != "cpu":
-        with torch.no_grad(), _exact_fp32():
+        with torch.no_grad(), exact_fp32():
             return greedy_dense_on_device(x.contiguous(), size, start, progress)
     # One thread for torch and the BLAS: a step is many small operations and one memory-bound
     # product; a parallel region per operation costs more than it saves (measured 4x slower with 2
     # threads on a loaded 2-core machine, where a region waits for a busy core).
-    with torch.no_grad(), _exact_fp32(), single_threaded_blas(torch_threads=1):
+    with torch.no_grad(), exact_fp32(), single_threaded_blas(torch_threads=1):
         state = _GreedyState(x.contiguous(), size, start)
         iterator = range(1, size)
         if progress:
@@ -428,7 +428,7 @@ def plain_greedy_coreset(features: Tensor, size: int, proj_dim: int = 128, seed:
     step reads every point. Indices ``(size,)``; :func:`greedy_coreset` selects the same ones."""
     x = random_projection(features, proj_dim, seed)
     if start is None:
-        start = _seeded_start(x.shape[0], seed)
+        start = seeded_start(x.shape[0], seed)
     selected = [start]
     dist = (x - x[start]).pow(2).sum(1).sqrt()
     for _ in range(1, size):

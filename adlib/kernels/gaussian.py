@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._lapack import _LowerTriangles, lapack_available
-from ._runtime import DEFAULT_BUDGET_MB, _in_threads
+from ._lapack import LowerTriangles, lapack_available
+from ._runtime import DEFAULT_BUDGET_MB, in_threads
 
 
 class GaussianAccumulator:
@@ -174,7 +174,7 @@ def _accumulate_cpu(outer: np.ndarray, total: np.ndarray, shift: np.ndarray, x: 
             outer[p0:p1] += np.matmul(xs.transpose(0, 2, 1), xs)
     # 4 positions a chunk: the product's result is still in cache for the +=. A symmetric
     # rank-k update (syrk, half the multiplications) was measured no faster than NumPy's gemm.
-    _in_threads(x.shape[0], 4, work)
+    in_threads(x.shape[0], 4, work)
 
 
 def _covariance_cholesky_cpu(sums: np.ndarray, mean_shifted: np.ndarray, n: int, eps: float,
@@ -188,7 +188,7 @@ def _covariance_cholesky_cpu(sums: np.ndarray, mean_shifted: np.ndarray, n: int,
         raise TypeError("sums and means must be C-contiguous arrays of one dtype (LAPACK reads raw memory)")
     c = sums.shape[-1]
     diagonal = np.arange(c)
-    lapack = _LowerTriangles(c, sums.dtype)
+    lapack = LowerTriangles(c, sums.dtype)
     centre = lapack.rank_one(alpha=-n / (n - 1), beta=1 / (n - 1))
     local = threading.local()
 
@@ -219,7 +219,7 @@ def _covariance_cholesky_cpu(sums: np.ndarray, mean_shifted: np.ndarray, n: int,
                 raise ValueError(f"covariance not positive definite at position {p0 + i} even with jitter "
                                  f"{jitter:g}; use a larger eps or more training images")
             lapack.zero_strict_upper(address)
-    _in_threads(sums.shape[0], 8, work)
+    in_threads(sums.shape[0], 8, work)
 
 
 def _cholesky_in_place(cov: Tensor, eps: float, jitter_tries: int, chunk: int = 256) -> Tensor:
@@ -311,11 +311,11 @@ def _mahalanobis_cpu(x: np.ndarray, mean: np.ndarray, chol: np.ndarray, out: np.
     if not (x.dtype == mean.dtype == chol.dtype == out.dtype) or not chol.flags.c_contiguous:
         raise TypeError("features, means, factors and output must share one dtype, factors C-contiguous "
                         "(LAPACK reads raw memory)")
-    solve = _LowerTriangles(c, chol.dtype).solve(b)
+    solve = LowerTriangles(c, chol.dtype).solve(b)
 
     def work(p0: int, p1: int) -> None:
         diff = np.ascontiguousarray((x[:, :, p0:p1] - mean[p0:p1].T[None]).transpose(2, 1, 0))  # (p, C, B)
         for i, p in enumerate(range(p0, p1)):
             solve(chol[p].ctypes.data, diff[i].ctypes.data)
         np.sqrt(np.einsum("pcb,pcb->bp", diff, diff), out=out[:, p0:p1])
-    _in_threads(x.shape[2], chunk, work)
+    in_threads(x.shape[2], chunk, work)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._runtime import DEFAULT_BUDGET_MB, _check_matrix, _exact_fp32, _in_threads
+from ._runtime import DEFAULT_BUDGET_MB, check_matrix, exact_fp32, in_threads
 
 
 def knn(queries: Tensor, bank: Tensor, k: int = 1, budget_mb: float = DEFAULT_BUDGET_MB) -> tuple[Tensor, Tensor]:
@@ -34,8 +34,8 @@ def knn(queries: Tensor, bank: Tensor, k: int = 1, budget_mb: float = DEFAULT_BU
     ``|b|^2 - 2 q.b`` per tile, tiles are reduced with a running min/top-k, and the chosen
     neighbours' distances are recomputed directly as ``|q - b|`` so that duplicates give exactly 0.
     """
-    _check_matrix("queries", queries, allow_empty=True)
-    _check_matrix("bank", bank)
+    check_matrix("queries", queries, allow_empty=True)
+    check_matrix("bank", bank)
     if queries.shape[1] != bank.shape[1]:
         raise ValueError(f"queries have {queries.shape[1]} features, the bank {bank.shape[1]}")
     if queries.device != bank.device:
@@ -49,7 +49,7 @@ def knn(queries: Tensor, bank: Tensor, k: int = 1, budget_mb: float = DEFAULT_BU
     if n_q == 0:
         return torch.empty(0, k, device=device), torch.empty(0, k, dtype=torch.long, device=device)
 
-    with torch.no_grad(), _exact_fp32():
+    with torch.no_grad(), exact_fp32():
         centre = bank.mean(0, dtype=torch.float64).float()
         # [b, |b|^2] against [-2q, 1]: one product gives |b|^2 - 2 q.b
         bank_aug = torch.empty(n_b, bank.shape[1] + 1, dtype=torch.float32, device=device)
@@ -109,7 +109,7 @@ def _scan_cpu(queries: Tensor, bank: Tensor, centre: Tensor, bank_aug_t: Tensor,
     against OpenBLAS on the same cores (measured: +30% on a 2-core machine).
     """
     n_q, dim, n_b = queries.shape[0], bank_aug_t.shape[0], bank_aug_t.shape[1]
-    tile_q, tile_b = _cpu_tile_sizes(n_q, n_b, dim, budget_mb / max(1, torch.get_num_threads()))
+    tile_q, tile_b = cpu_tile_sizes(n_q, n_b, dim, budget_mb / max(1, torch.get_num_threads()))
     aug_np, centre_np = bank_aug_t.numpy(), centre.numpy()
     queries_np, bank_np = queries.detach().numpy(), bank.detach().numpy()
     dist_dtype = np.float64 if queries.dtype == torch.float64 else np.float32
@@ -127,11 +127,11 @@ def _scan_cpu(queries: Tensor, bank: Tensor, centre: Tensor, bank_aug_t: Tensor,
         dist[q0:q1] = np.sqrt(np.einsum("qkd,qkd->qk", diff, diff))
         best_idx[q0:q1] = idx
 
-    _in_threads(n_q, tile_q, work)
+    in_threads(n_q, tile_q, work)
     return torch.from_numpy(dist), torch.from_numpy(best_idx)
 
 
-def _cpu_tile_sizes(n_q: int, n_b: int, dim: int, budget_mb: float) -> tuple[int, int]:
+def cpu_tile_sizes(n_q: int, n_b: int, dim: int, budget_mb: float) -> tuple[int, int]:
     """Per-thread tiles of 512 x 2048 (short features) or 1024 x 2048 (long ones): 4-8 MB, the
     best measured on a 2-core AMD EPYC; smaller when the per-thread budget is smaller."""
     floats = max(1024, min(2**20 if dim < 512 else 2**21, int(budget_mb * 2**20 / 4)))

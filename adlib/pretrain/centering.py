@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..backbones import (DEFAULT_BACKBONE, EfficientNetLite, _resnet_stages, build_architecture, concat_stages,
-                         input_affine, save_backbone)
+from ..backbones import (DEFAULT_BACKBONE, EfficientNetLite, build_architecture, concat_stages,
+                         input_affine, resnet_stages, save_backbone, trainable_prefix)
 from ..train import History, TrainConfig, train
 from .record import run_record
 
@@ -81,7 +81,7 @@ def _lite_features_and_logits(model: EfficientNetLite, x: Tensor, strides: tuple
 
 def _resnet_features_and_logits(model: nn.Module, x: Tensor, strides: tuple[int, ...]
                                 ) -> tuple[dict[int, Tensor], Tensor]:
-    feats = _resnet_stages(model, x, tuple(strides) + (32,))
+    feats = resnet_stages(model, x, tuple(strides) + (32,))
     top = feats.pop(32) if 32 not in strides else feats[32]
     return feats, model.fc(torch.flatten(model.avgpool(top), 1))
 
@@ -91,15 +91,6 @@ def features_and_logits(model: nn.Module, x: Tensor, strides: tuple[int, ...]) -
     if isinstance(model, EfficientNetLite):
         return _lite_features_and_logits(model, x, strides)
     return _resnet_features_and_logits(model, x, strides)
-
-
-def _trainable_prefixes(model: nn.Module, deepest: int) -> list[nn.Module]:
-    """The modules that produce the stages up to stride ``deepest`` (the rest stays frozen)."""
-    if isinstance(model, EfficientNetLite):
-        last = model.stride_ends[deepest]
-        return [model._conv_stem, model._bn0, *model._blocks[: last + 1]]
-    layers = {4: 1, 8: 2, 16: 3, 32: 4}[deepest]
-    return [model.conv1, model.bn1, *[getattr(model, f"layer{i}") for i in range(1, layers + 1)]]
 
 
 class CenteringNet(nn.Module):
@@ -117,7 +108,7 @@ class CenteringNet(nn.Module):
         self.student = build_architecture(architecture, pretrained=True)
         self.teacher = copy.deepcopy(self.student).requires_grad_(False)
         self.student.requires_grad_(False)
-        for module in _trainable_prefixes(self.student, max(self.strides)):
+        for module in trainable_prefix(self.student, max(self.strides)):
             module.requires_grad_(True)
         for module in self.student.modules():
             if isinstance(module, nn.BatchNorm2d):

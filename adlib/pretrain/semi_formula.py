@@ -24,6 +24,7 @@ the blocks up to the deepest stage are trained.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -36,12 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..backbones import DEFAULT_BACKBONE, EfficientNetLite, _resnet_stages, build_architecture, input_affine, save_backbone
+from ..backbones import DEFAULT_BACKBONE, build_architecture, input_affine, save_backbone, stage_features, trainable_prefix
 from ..data import IMAGENET_MEAN, IMAGENET_STD
 from ..kernels import gmm_blobs
 from ..settings import default_device
 from ..train import History, StepStream, TrainConfig, train
-from .centering import _trainable_prefixes
 from .record import run_record
 
 __all__ = ["SemiFormulaRecipe", "SemiFormulaStream", "SemiFormulaNet", "SemiFormulaRun", "pretrain_semi_formula",
@@ -203,12 +203,6 @@ def _sync(device: torch.device) -> None:
 # The network and the losses
 # ---------------------------------------------------------------------------------------------
 
-def _stage_features(model: nn.Module, x: Tensor, strides: tuple[int, ...]) -> dict[int, Tensor]:
-    if isinstance(model, EfficientNetLite):
-        return model.stage_features(x, strides)
-    return _resnet_stages(model, x, strides)
-
-
 class SemiFormulaNet(nn.Module):
     """The backbone being pre-trained; ``forward(images)`` takes ImageNet-normalized ``(B, 3, H, W)``
     and returns ``{stride: (B, C_s, H/s, W/s)}`` for the recipe's strides.
@@ -225,7 +219,7 @@ class SemiFormulaNet(nn.Module):
         self.architecture, self.strides, self.init = architecture, tuple(sorted(strides)), init
         self.backbone = build_architecture(architecture, pretrained=init == "imagenet")
         self.backbone.requires_grad_(False)
-        for module in _trainable_prefixes(self.backbone, max(self.strides)):
+        for module in trainable_prefix(self.backbone, max(self.strides)):
             module.requires_grad_(True)
         if init == "imagenet":
             for module in self.backbone.modules():
@@ -245,7 +239,7 @@ class SemiFormulaNet(nn.Module):
         return self
 
     def forward(self, images: Tensor) -> dict[int, Tensor]:
-        return _stage_features(self.backbone, images * self.scale + self.shift, self.strides)
+        return stage_features(self.backbone, images * self.scale + self.shift, self.strides)
 
 
 def patch_changes(normal: Tensor, anomalous: Tensor, eps: float = 1e-6) -> Tensor:
@@ -313,8 +307,8 @@ def semi_formula_losses(features: dict[int, Tensor], batch: dict[str, Tensor], r
 
 
 @torch.no_grad()
-def probe(net: SemiFormulaNet, stream: SemiFormulaStream, batches: int = 8, first_batch: int = 0
-          ) -> dict[str, Tensor]:
+def probe(net: SemiFormulaNet, stream: SemiFormulaStream, batches: int = 8, first_batch: int = 0,
+          batch_norm: str = "running") -> dict[str, Tensor]:
     """How a backbone's patch features react to the stream's anomalies, one row per sample.
 
     Runs ``batches`` batches of ``stream`` (global numbers ``first_batch`` on; use a stream of
@@ -324,12 +318,25 @@ def probe(net: SemiFormulaNet, stream: SemiFormulaStream, batches: int = 8, firs
     that have such patches: a small blob may cover half a patch only at stride 4; NaN when no stage
     has one) and ``total`` (``D``, the mean change over all patches, averaged over the stages).
     ``net`` is moved to the stream's device and left in eval mode.
+
+    ``batch_norm="running"`` normalizes with the stored running statistics, as a detector does;
+    ``"batch"`` with each forward's own batch statistics (normal and anomalous halves together), as
+    training does for a net whose batch norms train (``init="scratch"``). The running statistics
+    are not updated by either.
     """
+    if batch_norm not in ("running", "batch"):
+        raise ValueError(f"batch_norm must be 'running' or 'batch', got {batch_norm!r}")
     net.to(stream.device).eval()
+    if batch_norm == "batch":
+        net = copy.deepcopy(net)
+        for module in net.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.train()
     rows: dict[str, list[Tensor]] = {k: [] for k in ("score", "peak", "d_blob", "d_far", "total")}
     for g in range(first_batch, first_batch + batches):
         batch = stream.samples(g)
-        features = net(torch.cat([batch["normal"], batch["anomalous"]]))
+        with torch.no_grad():
+            features = net(torch.cat([batch["normal"], batch["anomalous"]]))
         per_stage = {k: [] for k in ("d_blob", "d_far", "total")}
         for f in features.values():
             normal, anomalous = f.float().chunk(2)
