@@ -34,17 +34,17 @@ import os
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from . import settings
-from .data import (DataError, ImageFiles, MVTecDataset, Preprocessing, find_data_root, holdout_split, list_image_files,
+from .data import (ImageFiles, MVTecDataset, Preprocessing, find_data_root, holdout_split, list_image_files,
                    load_split, train_batches)
 from .detectors import DETECTORS, get_detector, load_detector
 from .evaluate import evaluate, format_table
-from .metrics import mean_std_threshold
 from .pretrain import CenteringRecipe, SemiFormulaRecipe, pretrain_centering, pretrain_semi_formula
 from .pretrain.semi_formula import INITS, LOSSES
 from .backbones import BACKBONES
@@ -474,19 +474,23 @@ def run_fit(args: argparse.Namespace) -> dict:
     if args.data is not None and args.images:
         raise ValueError("--data goes with --category; with --images give the folders or files only")
     prep = _preprocessing(args)
-    fit_files, held_files = _split_holdout(_training_files(args), args.holdout, args.seed)
     detector = get_detector(args.method, **hyper)
+    files = _training_files(args)
+    own_rule = detector.calibrates_itself
+    fit_files, held_files = (files, []) if own_rule else _split_holdout(files, args.holdout, args.seed)
     start = time.perf_counter()
     detector.fit(train_batches(ImageFiles(fit_files, prep), args.batch_size))
     summary = {"method": args.method, "fit_images": len(fit_files), "holdout_images": len(held_files),
                "image_size": prep.side, "fit_seconds": round(time.perf_counter() - start, 1)}
-    if held_files:
-        scores, _ = detector.predict_files(held_files, args.batch_size)
-        detector.threshold = mean_std_threshold(scores, 3.0)
-        if len(held_files) < 10:
-            print(f"adlib fit: note: the threshold comes from only {len(held_files)} held-out images, so it is "
-                  f"rough; more normal images or a larger --holdout make it steadier", file=sys.stderr)
-        summary.update(holdout_score_mean=round(float(scores.mean()), 5), holdout_score_max=round(float(scores.max()), 5))
+    if own_rule:
+        summary["threshold_rule"] = f"{args.method}'s own (fit sets it; --holdout is not used)"
+    elif held_files:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            detector.calibrate(train_batches(ImageFiles(held_files, prep), args.batch_size))
+        for note in caught:
+            print(f"adlib fit: note: {note.message} (more normal images or a larger --holdout)", file=sys.stderr)
+        summary["threshold_rule"] = f"mean + 3 std of {len(held_files)} held-out normal images"
     summary["threshold"] = detector.threshold
     args.out.parent.mkdir(parents=True, exist_ok=True)
     detector.save(args.out)

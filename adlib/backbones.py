@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .hashing import file_sha256   # re-exported here
+from .imagefiles import IMAGENET_MEAN, IMAGENET_STD   # the one copy
 from .settings import default_device
 
 __all__ = [
@@ -59,8 +60,6 @@ __all__ = [
 ]
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # (expand ratio, kernel, stride, out channels, repeats) of EfficientNet-B0, which Lite shares.
 _BASE_STAGES = [(1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),

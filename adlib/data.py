@@ -414,11 +414,13 @@ def normalize(images: Tensor) -> Tensor:
     return (images - mean) / std
 
 
-def denormalize(images: Tensor) -> Tensor:
-    """ImageNet-normalized ``(..., 3, H, W)`` back to [0, 1] for display."""
+def denormalize(images: Tensor, clamp: bool = True) -> Tensor:
+    """ImageNet-normalized ``(..., 3, H, W)`` back to pixels in [0, 1] (``clamp=False``: without the
+    clamp that removes rounding's steps outside [0, 1], so that :func:`normalize` inverts it exactly)."""
     mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=images.device).view(3, 1, 1)
-    return (images * std + mean).clamp(0, 1)
+    pixels = images * std + mean
+    return pixels.clamp(0, 1) if clamp else pixels
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ and user errors as one line on stderr with a non-zero exit."""
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 from PIL import Image
 
 from adlib.__main__ import main
+from adlib.detectors import load_detector
 
 
 def adlib(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -126,3 +128,17 @@ def test_missing_masks_option_that_the_error_suggests(synthetic_root, tmp_path):
     assert refused.returncode == 2 and "--missing-masks skip" in refused.stderr
     skipped = adlib(*base, "--missing-masks", "skip", "--json", str(tmp_path / "m.json"))
     assert skipped.returncode == 0, skipped.stderr
+
+
+def test_fit_keeps_a_method_s_own_threshold_rule_and_says_which_rule_it_used(folders, tmp_path, capsys):
+    _, normal, _ = folders
+    for method, extra in [("dfr", ["--set", "epochs=1"]), ("pixel_stats", [])]:
+        model = tmp_path / f"{method}.safetensors"
+        assert main(["fit", "--method", method, "--images", str(normal), "--out", str(model), "--image-size", "64",
+                     "--holdout", "0.25", *extra]) == 0
+        summary = json.loads(capsys.readouterr().out)
+        if method == "dfr":      # its quantile of training scores: all images fit, none held out by the CLI
+            assert summary["holdout_images"] == 0 and "dfr's own" in summary["threshold_rule"]
+            assert summary["threshold"] == pytest.approx(load_detector(model).threshold)
+        else:
+            assert summary["holdout_images"] >= 2 and summary["threshold_rule"].startswith("mean + 3 std of")

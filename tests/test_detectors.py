@@ -160,3 +160,27 @@ def test_cli_refuses_backbone_for_method_without_one(synthetic_root):
            "--category", "synthetic", "--backbone", "resnet18"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "uses no backbone" in proc.stderr
+
+
+def test_calibrate_sets_mean_plus_k_std_of_held_out_scores_and_respects_own_rules(synthetic_sets):
+    import numpy as np
+
+    train, test = synthetic_sets
+    images = load_split(train)[0]
+    fit_part, held = images[:12], images[12:]                          # 12 held out: no warning
+    detector = get_detector("pixel_stats").fit(fit_part)
+    threshold = detector.calibrate(held.split(3))                      # batches, as from a loader
+    scores = detector.predict(held)[0].double().numpy()
+    assert threshold == pytest.approx(scores.mean() + 3 * scores.std(ddof=1), rel=1e-9)
+    assert detector.calibrate(held, k=0.0) == pytest.approx(scores.mean(), rel=1e-9)
+    assert (scores > detector.threshold).sum() < len(scores)           # the mean cuts through the scores
+    with pytest.warns(UserWarning, match="from 2 held-out images is rough"):
+        detector.calibrate(held[:2])
+    dfr = get_detector("dfr", epochs=1).fit(fit_part)
+    own = dfr.threshold
+    with pytest.raises(ValueError, match="dfr sets its own threshold"):
+        dfr.calibrate(held)
+    assert dfr.threshold == own and np.isfinite(own)
+    assert get_detector("autoencoder", holdout=0.0).calibrates_itself is False
+    with pytest.raises(RuntimeError, match="not fitted"):
+        get_detector("pixel_stats").calibrate(held)

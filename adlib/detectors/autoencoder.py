@@ -74,6 +74,11 @@ def _mse_loss(net: nn.Module, pixels: Tensor) -> dict[str, Tensor]:
 class Autoencoder(Detector):
     """The naive convolutional autoencoder baseline (MSE, mean-error score, mu + 3 sigma threshold)."""
 
+    @property
+    def calibrates_itself(self) -> bool:
+        """With a hold-out (``holdout > 0``) fit sets the threshold from the held-out images itself."""
+        return self.holdout > 0
+
     latent_dim: int = 128
     widths: tuple[int, ...] = (16, 32, 64, 64, 128)
     epochs: int = 100

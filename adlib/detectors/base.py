@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Iterator, TypeVar
 
 import torch
@@ -120,6 +121,7 @@ class Detector:
     """
 
     name: ClassVar[str] = "detector"
+    calibrates_itself: ClassVar[bool] = False    # True: fit sets ``threshold`` by the method's own rule
     device_: torch.device = torch.device("cpu")   # where it computes: the ``device`` setting, resolved
     input_size: tuple[int, int] | None = None
     preprocessing: "Preprocessing | None" = None
@@ -167,6 +169,28 @@ class Detector:
         if not scores:
             raise ValueError("no image files given")
         return torch.cat(scores), torch.cat(maps)
+
+    def calibrate(self, held_out: Iterable[Tensor] | Tensor, k: float = 3.0) -> float:
+        """Set ``threshold`` to mean + ``k`` std of the image scores of held-out *normal* images
+        (batches ``(B, 3, H, W)`` or one ``(N, 3, H, W)`` tensor; at least 2 images, never seen by
+        fit): a threshold set without a single defect, as a production line must. Returns it.
+
+        Methods that calibrate themselves in ``fit`` (``calibrates_itself``: DFR's quantile of
+        training scores, the autoencoder's own hold-out) are refused: their rule is part of the method.
+        """
+        from ..metrics import mean_std_threshold
+
+        if self.calibrates_itself:
+            raise ValueError(f"{self.name} sets its own threshold in fit ({self.threshold}); calibrate() would "
+                             f"replace the method's rule")
+        if self.input_size is None:
+            raise RuntimeError(f"{self.name} is not fitted: call fit() first")
+        scores = torch.cat([self.predict(batch)[0].cpu() for batch in CheckedBatches(held_out)])
+        if len(scores) < 10:
+            warnings.warn(f"a threshold from {len(scores)} held-out images is rough; more make it steadier",
+                          stacklevel=2)
+        self.threshold = mean_std_threshold(scores, k)
+        return self.threshold
 
     def _fit(self, train: Iterable[Tensor]) -> None:  # pragma: no cover - interface
         """The method's learning on checked ``(B, 3, H, W)`` batches; overwrites all fitted state."""

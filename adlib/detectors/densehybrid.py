@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from ..backbones import DEFAULT_BACKBONE, LITE_VARIANTS, FeatureExtractor, build_architecture, concat_stages, input_affine, trainable_prefix
-from ..data import IMAGENET_MEAN, IMAGENET_STD
+from ..data import denormalize, normalize
 from ..negatives import SHAPES, PhotoNegatives, paste_negatives
 from ..train import History, TrainConfig, train as train_loop
 from .base import Detector, check_images, register, upsample_and_smooth
@@ -328,13 +328,11 @@ class DenseHybrid(Detector):
     def pasted_pool(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """``variants`` pasted copies of each normal image ``(N, 3, H, W)`` (ImageNet-normalized) ->
         (pasted images ``(variants * N, 3, H, W)`` normalized, masks ``(variants * N, 1, H, W)``)."""
-        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
         source = self.negative_source()
         generator = torch.Generator().manual_seed(self.seed)
-        plain = (images.cpu() * std + mean).clamp(0, 1)
+        plain = denormalize(images.cpu())
         pasted, masks = zip(*(paste_negatives(plain, source, generator, self.paste_scale) for _ in range(self.variants)))
-        return (torch.cat(pasted) - mean) / std, torch.cat(masks)
+        return normalize(torch.cat(pasted)), torch.cat(masks)
 
     # -- fit ------------------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ is the ``1 - expected_fpr`` quantile of the training images' scores, DFR's rule.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import ClassVar, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -94,6 +94,8 @@ def _vector_mse(net: nn.Module, vectors: Tensor) -> dict[str, Tensor]:
 @dataclass(eq=False)
 class DFR(FeatureDetector):
     """Deep feature reconstruction; ``latent_dim=None`` takes it from PCA at ``explained_variance``."""
+
+    calibrates_itself: ClassVar[bool] = True   # threshold: the (1 - expected_fpr) quantile of training scores
 
     backbone: str = DEFAULT_BACKBONE
     strides: tuple[int, ...] = (4, 8, 16)

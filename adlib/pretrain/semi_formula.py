@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backbones import DEFAULT_BACKBONE, build_architecture, input_affine, save_backbone, stage_features, trainable_prefix
-from ..data import IMAGENET_MEAN, IMAGENET_STD
+from ..data import denormalize, normalize
 from ..kernels import gmm_blobs
 from ..settings import default_device
 from ..train import History, StepStream, TrainConfig, train
@@ -148,9 +148,7 @@ class SemiFormulaStream(StepStream):
         self.device = default_device(device)
         self.recipe = recipe
         self.batch_size = recipe.batch_size
-        self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
-        self.normals = (normals.to(self.device, torch.float32) * self.std + self.mean).contiguous()
+        self.normals = denormalize(normals.to(self.device, torch.float32), clamp=False).contiguous()
         self._perms: dict[int, Tensor] = {}
 
     def steps_per_epoch(self, world: int) -> int:
@@ -179,7 +177,7 @@ class SemiFormulaStream(StepStream):
         normal = self.normals[self._normal_indices(index).to(self.device)]
         generator = torch.Generator(device=self.device).manual_seed(_mix(self.recipe.seed, 2, global_batch))
         anomalous, mask, params, score = gmm_blobs(normal, generator=generator, **self.recipe.blob_kwargs())
-        return {"normal": (normal - self.mean) / self.std, "anomalous": (anomalous - self.mean) / self.std,
+        return {"normal": normalize(normal), "anomalous": normalize(anomalous),
                 "mask": mask, "score": score, "peak": params.amplitude.abs().amax(1), "index": index.to(self.device)}
 
 
