@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed-stamp
 EXECUTE ?= 0
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
 
-.PHONY: setup book mathjax test unit notebooks browser browser-deps bench clean
+.PHONY: setup book mathjax test unit quick notebooks browser browser-deps bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@start=$$(date +%s); \
@@ -43,9 +43,13 @@ test: setup unit notebooks browser
 
 unit: setup
 	@start=$$(date +%s); \
-	$(BIN)/python -m pytest tests; rc=$$?; \
+	$(BIN)/python -m pytest tests --durations=15; rc=$$?; \
 	ADLIB_NO_CTYPES=1 $(BIN)/python -m pytest tests/test_kernels.py -q || { rc2=$$?; [ $$rc -ne 0 ] || rc=$$rc2; }; \
 	echo "[timing] unit tests (+ kernels with ADLIB_NO_CTYPES=1): $$(( $$(date +%s) - start ))s"; exit $$rc
+
+# The fast half, for the edit-test loop: every test not marked slow (the whole set is `make unit`).
+quick: setup
+	$(BIN)/python -m pytest tests -m "not slow" -q
 
 notebooks: setup
 	@start=$$(date +%s); \

@@ -4,32 +4,22 @@ Train on normal images only; score each test image and give a per-pixel anomaly 
 method is a :class:`~adlib.detectors.Detector` with ``fit(train) -> self`` and
 ``predict(images) -> (scores, maps)``; :func:`evaluate` measures any of them the same way.
 
-Names are imported on first use, so that ``adlib.deploy`` (numpy and onnxruntime, no PyTorch)
-runs where PyTorch is not installed.
+Where PyTorch is not installed (a production machine running an exported model), only the
+PyTorch-free modules import: :mod:`adlib.deploy` and :mod:`adlib.imagefiles`.
 """
-
-from __future__ import annotations
-
-import importlib
-import importlib.util
-from typing import Any
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("backbones", "data", "metrics", "pretrain", "settings", "train")
-_NAMES = {"MVTecDataset": "data", "find_data_root": "data", "load_split": "data", "make_synthetic": "data",
-          "train_batches": "data", "DETECTORS": "detectors", "Detector": "detectors", "get_detector": "detectors",
-          "load_detector": "detectors", "Evaluation": "evaluate", "evaluate": "evaluate", "format_table": "evaluate"}
-__all__ = [*_SUBMODULES, *_NAMES]
+try:
+    import torch as _torch  # noqa: F401  (the library proper needs it; the runner does not)
+except ImportError:          # pragma: no cover - exercised by tests/test_export.py in a subprocess
+    __all__: list[str] = []
+else:
+    from . import backbones, data, metrics, pretrain, settings, train
+    from .data import MVTecDataset, find_data_root, load_split, make_synthetic, train_batches
+    from .detectors import DETECTORS, Detector, get_detector, load_detector
+    from .evaluate import Evaluation, evaluate, format_table
 
-
-def __getattr__(name: str) -> Any:
-    if name in _NAMES:
-        return getattr(importlib.import_module(f".{_NAMES[name]}", __name__), name)
-    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
-        return importlib.import_module(f".{name}", __name__)      # any submodule: adlib.kernels, adlib.viz, ...
-    raise AttributeError(f"module 'adlib' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+    __all__ = ["backbones", "data", "metrics", "pretrain", "settings", "train", "MVTecDataset", "find_data_root",
+               "load_split", "make_synthetic", "train_batches", "DETECTORS", "Detector", "get_detector",
+               "load_detector", "Evaluation", "evaluate", "format_table"]

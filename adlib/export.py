@@ -109,6 +109,7 @@ def export_onnx(detector: Detector | str | os.PathLike, out: str | os.PathLike,
                           dynamic_axes={"pixels": {0: "batch"}, "score": {0: "batch"}, "anomaly_map": {0: "batch"}},
                           opset_version=opset, dynamo=False)
     model = onnx.load_from_string(buffer.getvalue())
+    _name_shapes(model, chosen.side)
     for key, value in metadata(detector, chosen).items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
@@ -117,6 +118,21 @@ def export_onnx(detector: Detector | str | os.PathLike, out: str | os.PathLike,
     out.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(out))
     return out
+
+
+def _name_shapes(model, side: int) -> None:
+    """State the outputs' shapes in the file: ``score (batch,)``, ``anomaly_map (batch, S, S)`` (the
+    tracer leaves the map's dimensions as guesses of its shape inference)."""
+    shapes = {"pixels": ["batch", 3, side, side], "score": ["batch"], "anomaly_map": ["batch", side, side]}
+    for value in [*model.graph.input, *model.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        del dims[:]
+        for size in shapes[value.name]:
+            dim = dims.add()
+            if isinstance(size, str):
+                dim.dim_param = size
+            else:
+                dim.dim_value = size
 
 
 def _has_device(path: str | os.PathLike) -> bool:

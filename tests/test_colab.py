@@ -64,6 +64,7 @@ def _real_bottle_archive(real_root: Path, out: Path) -> None:
                 tar.add(category / name, arcname=f"bottle/{name}")
 
 
+@pytest.mark.slow
 def test_chapter_00_set_up_cells_in_a_fresh_environment_as_in_colab(wheel, tmp_path, real_root):
     venv = tmp_path / "venv"
     _run([getattr(sys, "_base_executable", sys.executable), "-m", "venv", "--without-pip", str(venv)])

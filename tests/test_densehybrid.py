@@ -156,6 +156,7 @@ def test_bad_settings_and_inputs_are_refused():
     assert DenseHybrid().resolved_freeze("deeplabv3_resnet50") == "all"
 
 
+@pytest.mark.slow
 def test_default_densehybrid_on_real_bottle_passes_the_bar(real_root, tmp_path):
     """The chapter's claim: default settings (mask pieces; "auto" is EfficientNet-Lite0 offline, named
     here so that a machine with torchvision's DeepLab weights cached runs the same, and so freeze "backbone")

@@ -83,6 +83,7 @@ def test_choose_data_prepares_elpv_in_its_own_root(monkeypatch, tmp_path):
     assert (tmp_path / "elpv_poly" / "train" / "good").is_dir()
 
 
+@pytest.mark.slow
 def test_patchcore_finds_certain_defects_on_real_solar_cells(elpv_root):
     """Image AUROC of PatchCore on real ELPV cells (good vs defect probability 1), small size, above a
     bar; pixel metrics are NaN since ELPV has no masks."""

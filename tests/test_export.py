@@ -43,6 +43,7 @@ def bottle(real_root):
     return train, [entry.image for entry in test.entries]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", EXPORTABLE)
 def test_onnxruntime_matches_adlib_on_the_bottle_test_set(method, bottle, tmp_path):
     train, test_files = bottle
@@ -50,6 +51,9 @@ def test_onnxruntime_matches_adlib_on_the_bottle_test_set(method, bottle, tmp_pa
     detector.threshold = 1.25     # any value: it must come back from the file as it was
     path = export_onnx(detector, tmp_path / f"{method}.onnx")
     exported = ExportedDetector(path, providers=["CPUExecutionProvider"])
+    graph = onnx.load(str(path)).graph
+    dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in graph.output}
+    assert dims == {"score": ["batch"], "anomaly_map": ["batch", SIZE, SIZE]}
     assert (exported.method, exported.input_size, exported.threshold) == (method, (SIZE, SIZE), 1.25)
     scores, maps = exported.predict_files(test_files, batch_size=16)
     ref_scores, ref_maps = detector.predict_files(test_files, batch_size=16)
@@ -59,6 +63,7 @@ def test_onnxruntime_matches_adlib_on_the_bottle_test_set(method, bottle, tmp_pa
     assert np.unique(np.round(scores, 4)).size > len(test_files) // 2     # real, varied scores, not a constant
 
 
+@pytest.mark.slow
 def test_patchcore_reweighted_score_matches_too(bottle, tmp_path):
     train, test_files = bottle
     detector = get_detector("patchcore", reweight=True).fit(train_batches(train, 8))
@@ -70,6 +75,7 @@ def test_patchcore_reweighted_score_matches_too(bottle, tmp_path):
     assert relative_error(scores[:, None], reference.numpy()[:, None]) < RTOL   # ... and the graph has it
 
 
+@pytest.mark.slow
 def test_the_runner_needs_no_pytorch_and_writes_the_csv(bottle, tmp_path):
     train, test_files = bottle
     detector = get_detector("padim").fit(train_batches(train, 8))
@@ -136,6 +142,7 @@ def test_the_runner_refuses_foreign_and_other_version_files(tmp_path):
         exported.decide(np.zeros(2))
 
 
+@pytest.mark.slow
 def test_cli_export_writes_a_runnable_file_and_refuses_bad_models(tmp_path, synthetic_root):
     from adlib.__main__ import main
 

@@ -18,6 +18,7 @@ def bottle(real_root):
             MVTecDataset(real_root, "bottle", "test", image_size=256))
 
 
+@pytest.mark.slow
 def test_patchcore_reaches_the_bars_on_real_bottle(bottle):
     train, test = bottle
     m = evaluate(get_detector("patchcore", device="cpu"), test, train, progress=False).metrics
@@ -26,6 +27,7 @@ def test_patchcore_reaches_the_bars_on_real_bottle(bottle):
     assert m["aupro"] >= 0.90, m
 
 
+@pytest.mark.slow
 def test_padim_reaches_the_bars_on_real_bottle(bottle):
     train, test = bottle
     m = evaluate(get_detector("padim", device="cpu"), test, train, progress=False).metrics

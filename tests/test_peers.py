@@ -42,6 +42,7 @@ def test_mapping_refuses_mismatched_state_and_unknown_backbones(tmp_path):
     assert timm_weights_file("efficientnet_lite0", cache_dir=tmp_path) == first  # written once
 
 
+@pytest.mark.slow
 def test_gap_study_baseline_is_adlibs_patchcore_and_switches_change_features(synthetic_root, monkeypatch):
     """The study's ("own", "valid") row is adlib's PatchCore (exact 10% coreset, seed 0); the switches
     change the features (so the other rows are not the baseline by accident); the extractor's input

@@ -128,6 +128,7 @@ def test_lambda_zero_leaves_the_weights_exactly_as_they_were(synthetic_root):
     assert all(torch.equal(run.net.student.state_dict()[k], v) for k, v in original.items())
 
 
+@pytest.mark.slow
 def test_lambda_zero_leaves_padim_as_plain(real_root, tmp_path):
     kwargs = dict(image_size=128)
     train = MVTecDataset(real_root, "bottle", "train", **kwargs)
@@ -180,6 +181,7 @@ def test_cli_pretrain_bad_input_is_one_line_and_exit_2(synthetic_root, tmp_path,
     assert message in err and len(err.splitlines()) == 1, err
 
 
+@pytest.mark.slow
 def test_default_recipe_meets_the_bar_on_real_bottle(real_root, tmp_path):
     """The chapter's claim: the default recipe on all 209 bottle images, then PaDiM: image AUROC >= 0.99
     and pixel AUROC >= 0.975 (its time is measured in the chapter, not asserted here)."""
@@ -193,6 +195,7 @@ def test_default_recipe_meets_the_bar_on_real_bottle(real_root, tmp_path):
     assert run.history.epoch["l_center"][-1] < run.history.epoch["l_center"][0]
 
 
+@pytest.mark.slow
 def test_cli_pretrain_under_torchrun_writes_one_file_from_two_processes(synthetic_root, tmp_path):
     import os
     import subprocess

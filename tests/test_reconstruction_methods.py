@@ -19,6 +19,7 @@ def small_synthetic(synthetic_root):
     return train, load_split(test)[0]
 
 
+@pytest.mark.slow
 def test_dfr_reaches_the_bars_on_real_bottle(real_root):
     train = MVTecDataset(real_root, "bottle", "train", image_size=256)
     test = MVTecDataset(real_root, "bottle", "test", image_size=256)
@@ -27,6 +28,7 @@ def test_dfr_reaches_the_bars_on_real_bottle(real_root):
     assert m["pixel_auroc"] >= 0.975, m
 
 
+@pytest.mark.slow
 def test_autoencoder_on_the_shared_loop_reaches_its_bar_on_real_bottle(real_root):
     """A CI-sized run (128 px, 50 epochs; measured 0.892 / 0.724) of the chapter's 0.957 image AUROC
     at 256 px and 100 epochs: the naive baseline still learns bottles on adlib.train's loop."""

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from adlib.__main__ import main
+from adlib.data import normalize
 from adlib.backbones import build_architecture, load_backbone_file, read_backbone_metadata
 from adlib.pretrain import SemiFormulaNet, SemiFormulaRecipe, SemiFormulaStream, pretrain_semi_formula
 from adlib.pretrain.semi_formula import (patch_changes, ranking_loss, semi_formula_losses, separation_loss,
@@ -45,7 +46,7 @@ def test_two_ranks_stream_disjoint_samples_and_together_cover_the_stream():
 
 def test_each_normal_image_is_used_once_per_pass():
     stream = _stream(images=20, batch=5)
-    normalized = (stream.normals - stream.mean) / stream.std
+    normalized = normalize(stream.normals)                # the stream keeps [0, 1] pixels
     for g in range(2):                                  # two passes of 5 samples over 5 normal images
         used = [next(i for i in range(5) if torch.equal(x, normalized[i])) for x in stream.samples(g)["normal"]]
         assert sorted(used) == [0, 1, 2, 3, 4]
@@ -192,6 +193,7 @@ def _torchrun(args: list[str], timeout: int = 600) -> subprocess.CompletedProces
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_two_processes_end_with_identical_weights(tmp_path):
     done = _torchrun([str(ROOT / "tests" / "ddp_worker.py"), str(tmp_path), "semi_formula"])
     assert done.returncode == 0, done.stderr[-3000:]
@@ -203,6 +205,7 @@ def test_two_processes_end_with_identical_weights(tmp_path):
     assert len(ids0) == len(ids1) == 16 and not ids0 & ids1             # each rank trained on its own samples
 
 
+@pytest.mark.slow
 def test_cli_under_torchrun_writes_a_backbone_padim_evaluates(synthetic_root, tmp_path):
     out = tmp_path / "w.safetensors"
     done = _torchrun(["-m", "adlib", "pretrain", "semi_formula", "--data", str(synthetic_root), "--category",

@@ -136,6 +136,7 @@ def test_refuses_bad_setups(tmp_path):
         train(model, loss_fn, (data[0], data[1][:10]), TrainConfig(epochs=1, progress=False, device="cpu"))
 
 
+@pytest.mark.slow
 def test_two_process_torchrun_gives_identical_weights_equal_to_one_process_with_twice_the_batch(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     worker = Path(__file__).with_name("ddp_worker.py")

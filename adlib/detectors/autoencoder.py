@@ -110,7 +110,6 @@ class Autoencoder(Detector):
         """All training batches -> one ``(N, 3, S, S)`` tensor of ``[0, 1]`` pixels (many epochs reuse it)."""
         chunks = []
         for batch in train:
-            check_images(batch)
             if batch.shape[-1] != batch.shape[-2]:
                 raise ValueError(f"the autoencoder needs square images, got {tuple(batch.shape[-2:])}")
             chunks.append(denormalize(batch.float().cpu()))
@@ -165,11 +164,16 @@ class Autoencoder(Detector):
         if tuple(images.shape[-2:]) != (size, size):
             raise ValueError(f"images are {tuple(images.shape[-2:])}, the autoencoder was fitted on "
                              f"({size}, {size})")
+        return self._reconstruct(images)
+
+    def _reconstruct(self, images: Tensor) -> Tensor:
         self.net.eval()
         return self.net(denormalize(images.float()).to(self.device_))
 
     def _predict(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        maps = reconstruction_error(denormalize(images.float()).to(self.device_), self.reconstruct(images))
+        if self.net is None:
+            raise RuntimeError("Autoencoder is not fitted: call fit() first")
+        maps = reconstruction_error(denormalize(images.float()).to(self.device_), self._reconstruct(images))
         return maps.mean((1, 2)), maps
 
     def scoring_module(self) -> nn.Module:

@@ -228,8 +228,13 @@ class Detector:
             raise RuntimeError(f"{self.name} has no fitted state to save: call fit() first")
         fitted = {"input_size": list(self.input_size) if self.input_size else None, "threshold": self.threshold,
                   "preprocessing": self.preprocessing.to_dict() if self.preprocessing else None}
-        save_file(state, str(path), metadata={"method": self.name, "hyper": json.dumps(self.hyper),
+        save_file(state, str(path), metadata={"method": self.name, "hyper": json.dumps(self.saved_hyper()),
                                               "fitted": json.dumps(fitted), **self.file_metadata()})
+
+    def saved_hyper(self) -> dict[str, Any]:
+        """The hyper-parameters a saved file records (a method whose fit resolves one, such as an
+        "auto", records the resolved value so that a load rebuilds what was fitted)."""
+        return self.hyper
 
     def file_metadata(self) -> dict[str, str]:
         """Extra string metadata :meth:`save` writes (e.g. the identity of a backbone file)."""

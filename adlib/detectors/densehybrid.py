@@ -35,6 +35,7 @@ the pasted training images are computed once, not every epoch.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -49,6 +50,8 @@ from ..data import denormalize, normalize
 from ..negatives import SHAPES, PhotoNegatives, paste_negatives
 from ..train import History, TrainConfig, train as train_loop
 from .base import Detector, check_images, register, upsample_and_smooth
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["DenseHybrid", "DenseHybridHead", "densehybrid_loss", "fetch_deeplab_weights", "FREEZES", "SCORES"]
 
@@ -233,6 +236,8 @@ class DenseHybrid(Detector):
     sigma: float = 4.0
     seed: int = 0
     device: str | None = None
+    backbone_: str | None = field(default=None, init=False)   # what fit used: "auto" resolved
+    freeze_: str | None = field(default=None, init=False)
     head: DenseHybridHead | None = field(default=None, init=False, repr=False)
     train_history: History | None = field(default=None, init=False, repr=False)
     warmup_history: History | None = field(default=None, init=False, repr=False)
@@ -281,19 +286,28 @@ class DenseHybrid(Detector):
             return self.backbone
         return TORCHVISION_DEEPLAB if deeplab_weights_cached() else DEFAULT_BACKBONE
 
+    def _resolve(self) -> None:
+        """Fix ``backbone_`` / ``freeze_`` if no fit or load has (pieces built before a fit)."""
+        if self.backbone_ is None:
+            self.backbone_ = self.resolved_backbone()
+            self.freeze_ = self.resolved_freeze(self.backbone_)
+
     def _backbone_net(self) -> _Backbone:
+        self._resolve()
         if self._backbone is None:
             with torch.random.fork_rng(devices=[]):
-                self._backbone = _Backbone(self.backbone, trainable=self.freeze == "none").to(self.device_)
+                self._backbone = _Backbone(self.backbone_, trainable=self.freeze_ == "none").to(self.device_)
         return self._backbone
 
     def _uses_extractor(self) -> bool:
         """A frozen EfficientNet-Lite runs through the BN-folded :class:`FeatureExtractor`."""
-        return self.backbone != TORCHVISION_DEEPLAB and self.freeze != "none"
+        self._resolve()
+        return self.backbone_ != TORCHVISION_DEEPLAB and self.freeze_ != "none"
 
     def _lite_extractor(self) -> FeatureExtractor:
+        self._resolve()
         if self._extractor is None:
-            self._extractor = FeatureExtractor(self.backbone, (8, 16), self.device_)
+            self._extractor = FeatureExtractor(self.backbone_, (8, 16), self.device_)
         return self._extractor
 
     def _features(self, images: Tensor) -> Tensor:
@@ -306,14 +320,15 @@ class DenseHybrid(Detector):
 
     def _build_head(self) -> None:
         """A new head, seeded (the backbone is built first, so its construction cannot shift the seed)."""
-        if self.backbone == TORCHVISION_DEEPLAB:
+        self._resolve()
+        if self.backbone_ == TORCHVISION_DEEPLAB:
             classifier = copy.deepcopy(self._backbone_net().classifier)
         else:
             channels = (sum(self._lite_extractor().channels.values()) if self._uses_extractor()
                         else self._backbone_net().channels)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            if self.backbone == TORCHVISION_DEEPLAB:
+            if self.backbone_ == TORCHVISION_DEEPLAB:
                 self.head = DenseHybridHead.from_torchvision(classifier)
             else:
                 self.head = DenseHybridHead(channels, self.head_channels)
@@ -345,43 +360,43 @@ class DenseHybrid(Detector):
         images = torch.cat(batches)
         if len(images) < 2:
             raise ValueError(f"need at least 2 training images, got {len(images)}")
-        self.backbone = self.resolved_backbone()
-        self.freeze = self.resolved_freeze(self.backbone)
+        self.backbone_ = self.resolved_backbone()
+        self.freeze_ = self.resolved_freeze(self.backbone_)
         self._backbone, self._extractor = None, None
-        print(f"densehybrid: backbone {self.backbone}"
-              + (" (torchvision's DeepLabV3 weights)" if self.backbone == TORCHVISION_DEEPLAB
-                 else " (ImageNet weights, DeepLabV3 head untrained)") + f", freeze {self.freeze}")
+        logger.info("densehybrid: backbone %s%s, freeze %s", self.backbone_,
+                    " (torchvision's DeepLabV3 weights)" if self.backbone_ == TORCHVISION_DEEPLAB
+                    else " (ImageNet weights, DeepLabV3 head untrained)", self.freeze_)
         pasted, masks = self.pasted_pool(images)
         self._build_head()
-        if self.freeze == "none":
+        if self.freeze_ == "none":
             data = (pasted, masks)
             net: nn.Module = _FullNet(self._backbone_net(), self.head)
         else:
-            store = torch.float16 if self.backbone == TORCHVISION_DEEPLAB else torch.float32   # 2048 channels: halved
+            store = torch.float16 if self.backbone_ == TORCHVISION_DEEPLAB else torch.float32   # 2048 channels: halved
             feats = torch.cat([self._features(b.to(self.device_)).to("cpu", store) for b in tqdm(
                 pasted.split(self.batch_size), desc="densehybrid features", leave=False)])
             data = (feats, _grid_cover(masks, tuple(feats.shape[-2:])))
             del pasted
             net = self.head
-        warmup = self.warmup_epochs if (self.freeze == "all" and self.backbone != TORCHVISION_DEEPLAB) else 0
+        warmup = self.warmup_epochs if (self.freeze_ == "all" and self.backbone_ != TORCHVISION_DEEPLAB) else 0
         self.warmup_history = None
         if warmup:
             self.head.requires_grad_(True)
             self.warmup_history = self._train(net, data, warmup, "densehybrid warm-up (whole head)")
         self._set_trainable()
         self.train_history = self._train(net, data, self.epochs - warmup if warmup else self.epochs,
-                                         f"densehybrid fit (freeze {self.freeze})")
+                                         f"densehybrid fit (freeze {self.freeze_})")
         self.head.eval()
 
     def _set_trainable(self) -> None:
         """Gradients only where ``freeze`` allows; frozen batch norms stay in eval mode."""
-        self.head.requires_grad_(self.freeze != "all")
-        if self.freeze == "all":
+        self.head.requires_grad_(self.freeze_ != "all")
+        if self.freeze_ == "all":
             for module in self.head.final_layers():
                 module.requires_grad_(True)
 
     def _train(self, net: nn.Module, data: tuple[Tensor, Tensor], epochs: int, desc: str) -> History:
-        full = self.freeze == "none"
+        full = self.freeze_ == "none"
 
         def loss_fn(model: nn.Module, batch: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
             x, extra = batch
@@ -402,6 +417,9 @@ class DenseHybrid(Detector):
         if self.head is None:
             raise RuntimeError("DenseHybrid is not fitted: call fit() first")
         check_images(images)
+        return self._maps(images)
+
+    def _maps(self, images: Tensor) -> dict[str, Tensor]:
         self.head.eval()
         seg, outlier = self.head(self._features(images.to(self.device_)))
         log_density = torch.logsumexp(seg.float(), 1)
@@ -409,7 +427,9 @@ class DenseHybrid(Detector):
                 "hybrid": F.logsigmoid(outlier.float()) - log_density}
 
     def _predict(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        grid = self.maps(images)[self.score]
+        if self.head is None:
+            raise RuntimeError("DenseHybrid is not fitted: call fit() first")
+        grid = self._maps(images)[self.score]
         maps = upsample_and_smooth(grid, tuple(images.shape[-2:]), self.sigma)
         return maps.flatten(1).amax(1), maps
 
@@ -420,20 +440,26 @@ class DenseHybrid(Detector):
 
     # -- files ----------------------------------------------------------------------------------
 
+    def saved_hyper(self) -> dict:
+        """The file names the backbone and freeze setting the fit used, not "auto"."""
+        return {**self.hyper, "backbone": self.backbone_, "freeze": self.freeze_}
+
     def state_dict(self) -> dict[str, Tensor]:
         if self.head is None:
             return {}
         state = {f"head.{k}": v for k, v in self.head.state_dict().items()}
-        if self.freeze == "none":
+        if self.freeze_ == "none":
             state.update({f"backbone.{k}": v for k, v in self._backbone_net().state_dict().items()})
         return state
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         if "auto" in (self.backbone, self.freeze):
             raise ValueError("a saved DenseHybrid names its backbone and freeze setting; 'auto' is resolved by fit")
+        self.backbone_, self.freeze_ = self.backbone, self.freeze
+        self._backbone, self._extractor = None, None
         self._build_head()
         self.head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})
-        if self.freeze == "none":
+        if self.freeze_ == "none":
             self._backbone_net().load_state_dict({k[9:]: v for k, v in state.items() if k.startswith("backbone.")})
         self.head.eval()
 

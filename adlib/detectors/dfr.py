@@ -119,6 +119,9 @@ class DFR(FeatureDetector):
     def embed(self, images: Tensor) -> Tensor:
         """``(B, 3, H, W)`` -> standardized regional features ``(B, C, H / grid_stride, W / grid_stride)``."""
         check_images(images)
+        return self._embed(images)
+
+    def _embed(self, images: Tensor) -> Tensor:
         feats = self.extractor(images)
         grid = (-(-images.shape[-2] // self.grid_stride), -(-images.shape[-1] // self.grid_stride))
         emb = regional_features(feats, grid)
@@ -136,7 +139,7 @@ class DFR(FeatureDetector):
         self.feature_mean = self.feature_std = None
         maps, image_size = [], None
         for batch in tqdm(train, desc="dfr features", leave=False):
-            maps.append(self.embed(batch))
+            maps.append(self._embed(batch))
             image_size = tuple(batch.shape[-2:])
         if not maps:
             raise ValueError("no training images")
@@ -171,7 +174,7 @@ class DFR(FeatureDetector):
     def _predict(self, images: Tensor) -> tuple[Tensor, Tensor]:
         if self.net is None:
             raise RuntimeError("DFR is not fitted: call fit() first")
-        return self._image_scores_and_maps(self.embed(images), tuple(images.shape[-2:]))
+        return self._image_scores_and_maps(self._embed(images), tuple(images.shape[-2:]))
 
     def scoring_module(self) -> nn.Module:
         if self.net is None:

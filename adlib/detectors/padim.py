@@ -48,6 +48,9 @@ class PaDiM(FeatureDetector):
     def embed(self, images: Tensor) -> Tensor:
         """``(B, 3, H, W)`` -> ``(B, d, h, w)`` on the finest stride's grid, the chosen channels only."""
         check_images(images)
+        return self._embed(images)
+
+    def _embed(self, images: Tensor) -> Tensor:
         feats = self.extractor(images)
         grid = tuple(feats[min(self.strides)].shape[-2:])
         emb = concat_stages(feats, grid, mode="nearest")
@@ -58,7 +61,7 @@ class PaDiM(FeatureDetector):
         acc = GaussianAccumulator(dtype=torch.float32)  # sums around a shift: float32 is accurate
         self.grid = None
         for batch in tqdm(train, desc="padim fit", leave=False):
-            emb = self.embed(batch)
+            emb = self._embed(batch)
             self.grid = self.grid or tuple(emb.shape[-2:])   # one size for all: fit checks the batches
             acc.update(emb)
         gaussians = acc.finalize(self.eps)
@@ -67,10 +70,7 @@ class PaDiM(FeatureDetector):
     def _predict(self, images: Tensor) -> tuple[Tensor, Tensor]:
         if self.mean is None:
             raise RuntimeError("PaDiM is not fitted: call fit() first")
-        emb = self.embed(images)
-        if tuple(emb.shape[-2:]) != tuple(self.grid):
-            raise ValueError(f"images give a {tuple(emb.shape[-2:])} grid, the model was fitted on {self.grid}: "
-                             f"use the training image size")
+        emb = self._embed(images)
         b, _, h, w = emb.shape
         dist = mahalanobis(emb, self.mean, self.chol).view(b, h, w)
         maps = upsample_and_smooth(dist, tuple(images.shape[-2:]), self.sigma)

@@ -67,6 +67,9 @@ class PatchCore(FeatureDetector):
     def embed(self, images: Tensor) -> Tensor:
         """``(B, 3, H, W)`` -> patch features ``(B, D, h, w)`` on the finest stride's grid."""
         check_images(images)
+        return self._embed(images)
+
+    def _embed(self, images: Tensor) -> Tensor:
         feats = self.extractor(images)
         grid = tuple(feats[min(self.strides)].shape[-2:])
         return concat_stages(feats, grid, mode="bilinear", aggregate=self.patch_size)
@@ -76,7 +79,7 @@ class PatchCore(FeatureDetector):
         with torch.no_grad(), CoresetStream(self.coreset_ratio, self.coreset, proj_dim=self.proj_dim, seed=self.seed,
                                             budget_mb=budget, progress=True) as stream:
             for i, batch in enumerate(tqdm(train, desc="patchcore features", leave=False)):
-                emb = self.embed(batch)
+                emb = self._embed(batch)
                 stream.add(emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1]))
                 if i == 0:
                     stream.expect(_expected_rows(train, emb))
@@ -88,7 +91,7 @@ class PatchCore(FeatureDetector):
     def _predict(self, images: Tensor) -> tuple[Tensor, Tensor]:
         if self.memory_bank is None:
             raise RuntimeError("PatchCore is not fitted: call fit() first")
-        emb = self.embed(images)
+        emb = self._embed(images)
         b, d, h, w = emb.shape
         patches = emb.permute(0, 2, 3, 1).reshape(-1, d)
         dist, idx = knn(patches, self.memory_bank, k=1)

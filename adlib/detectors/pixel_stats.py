@@ -14,7 +14,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from ..settings import default_device
-from .base import Detector, check_images, gaussian_blur, register
+from .base import Detector, gaussian_blur, register
 
 
 @register("pixel_stats")
@@ -39,7 +39,6 @@ class PixelStats(Detector):
         total = total_sq = None
         count = 0
         for batch in tqdm(train, desc="pixel_stats fit", leave=False):
-            check_images(batch)
             x = batch.to(self.device_, torch.float64)
             if total is None:
                 total, total_sq = x.sum(0), (x * x).sum(0)
@@ -58,7 +57,6 @@ class PixelStats(Detector):
         self.std = var.clamp_min(0).sqrt().clamp_min(self.min_std).float()
 
     def _predict(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        check_images(images)
         if self.mean is None:
             raise RuntimeError("PixelStats is not fitted: call fit() first")
         if images.shape[1:] != self.mean.shape:
