@@ -121,7 +121,7 @@ def test_find_data_root_order(tmp_path, monkeypatch):
     assert find_data_root() == tmp_path / "env"
     monkeypatch.delenv("ADLIB_DATA")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(data, "_shared_candidates", lambda: [tmp_path / "nope"])
+    monkeypatch.setattr(data.mvtec, "_shared_candidates", lambda: [tmp_path / "nope"])
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     assert find_data_root() == tmp_path / "cache" / "adlib" / "mvtec_ad"
 
@@ -153,7 +153,7 @@ def test_synthetic_replaces_its_own_output_but_not_files_added_to_it(tmp_path):
     import json
 
     make_synthetic(tmp_path, n_train=3, n_test_good=1, n_test_defect=1, size=16)
-    marker = json.loads((tmp_path / "synthetic" / data.SYNTHETIC_MARKER).read_text())
+    marker = json.loads((tmp_path / "synthetic" / data.synthetic.SYNTHETIC_MARKER).read_text())
     assert marker["params"]["n_train"] == 3 and "train/good/002.png" in marker["files"]
     make_synthetic(tmp_path, n_train=2, n_test_good=1, n_test_defect=1, size=16, seed=1)  # its own: replaced
     assert len(MVTecDataset(tmp_path, "synthetic", "train")) == 2
