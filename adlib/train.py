@@ -95,12 +95,15 @@ class TrainConfig:
 class History:
     """Every loss the run recorded: ``step[name]`` one value per optimizer step (averaged over the
     processes), ``epoch[name]`` the sample-weighted mean per epoch plus what ``on_epoch_end``
-    returned, ``lr`` the learning rate of each step."""
+    returned, ``lr`` the learning rate of each step. ``world_size`` is the number of processes that
+    trained (``torchrun``'s ``WORLD_SIZE``, 1 in a plain process): a step saw ``world_size *
+    batch_size`` samples."""
 
     step: dict[str, list[float]] = field(default_factory=dict)
     epoch: dict[str, list[float]] = field(default_factory=dict)
     lr: list[float] = field(default_factory=list)
     resumed_at: int = 0      # steps restored from a checkpoint (0 for an unbroken run)
+    world_size: int = 1      # processes that trained, as the run's distributed context found them
 
     @property
     def steps_this_session(self) -> int:
@@ -329,11 +332,185 @@ def train(model: nn.Module, loss_fn: LossFn, data: Tensor | tuple[Tensor, ...] |
 
     Returns:
         The :class:`History`; with ``resume=True`` it includes the steps before the interruption.
+        ``History.world_size`` is the number of processes that trained (1 without ``torchrun``).
     """
-    device = default_device(config.device)
-    rank, world, device, created_group = distributed_context(device)
-    main = rank == 0
-    stream = data if isinstance(data, StepStream) else None
+    with _TrainingRun(model, loss_fn, data, config, fingerprint) as run:
+        for epoch in run.epochs():               # both loops end early once stop_after_steps is reached
+            for batch, size in run.batches(epoch):
+                run.step(batch, size)
+            run.end_epoch(epoch, on_epoch_end)
+        run.checkpoint()                         # the last one: at the end, or where the run stopped
+    return run.history
+
+
+class _TrainingRun:
+    """The state of one call of :func:`train`, built in the order that makes a run reproducible:
+    process group and device, data size, model on the device, optimizer, schedule, mixed precision,
+    DDP wrapper, the seed, then the checkpoint to resume from and the progress bar.
+
+    Used as a context manager: leaving it closes the bar, puts the model in eval mode and, where
+    this run made the process group, destroys it (after a barrier when the run ended normally).
+    What the loop reads: ``steps`` (int), the optimizer steps taken, those restored from a checkpoint
+    included; ``stopping`` (bool), whether ``stop_after_steps`` was reached; ``history``
+    (:class:`History`), the record :func:`train` returns.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, data: Tensor | tuple[Tensor, ...] | Sequence,
+                 config: TrainConfig, fingerprint: dict[str, Any] | None) -> None:
+        self.model, self.loss_fn, self.data, self.config = model, loss_fn, data, config
+        self.rank, self.world, self.device, self.created_group = distributed_context(default_device(config.device))
+        self.stream = data if isinstance(data, StepStream) else None
+        self.samples, self.steps_per_epoch = _epoch_size(data, self.stream, config, self.rank, self.world)
+        self.total_steps = self.steps_per_epoch * config.epochs
+        self.params = _trainable_on(model, self.device)
+        self.optimizer = _make_optimizer(self.params, config)
+        self.schedule = _make_schedule(self.optimizer, self.total_steps, config)
+        self.amp_context, amp_dtype = autocast(self.device, config.amp)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+        self.net = _distributed_model(model, self.world, self.device)
+        self.identity = _identity(config, self.samples, self.world, fingerprint)
+        torch.manual_seed(config.seed + self.rank)
+        self.steps, self.epoch, self.stopping, self.stopped_mid_epoch = 0, 0, False, False
+        self.history = History(world_size=self.world)
+        self.running: dict[str, Any] = {"sums": {}, "seen": 0}     # this epoch's loss sums so far
+        self.folder = Path(config.checkpoint_dir) if config.checkpoint_dir is not None else None
+        if config.resume and self.folder is not None and (self.folder / STATE_FILE).is_file():
+            self._restore(self.folder)
+        self.bar = tqdm(total=self.total_steps, initial=self.steps, desc=config.desc, leave=False,
+                        disable=not (self.rank == 0 and config.progress), dynamic_ncols=True)
+
+    def __enter__(self) -> "_TrainingRun":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        self.bar.close()
+        self.model.eval()
+        if self.created_group:
+            if exc_type is None:    # a failed rank must not wait for the others
+                dist.barrier()
+            dist.destroy_process_group()
+
+    def epochs(self) -> Iterator[int]:
+        """The epoch indices still to run, from the resumed position on, until ``stop_after_steps``."""
+        for epoch in range(self.steps // max(1, self.steps_per_epoch), self.config.epochs):
+            if self.stopping:
+                return
+            yield epoch
+
+    def batches(self, epoch: int) -> Iterator[tuple[Batch, int]]:
+        """``(batch on the device, samples in it)`` for this process's remaining steps of ``epoch``
+        (model in train mode); ends early after the step that reaches ``stop_after_steps``."""
+        self.epoch = epoch
+        self.model.train()
+        start = self.steps - epoch * self.steps_per_epoch
+        pieces = _epoch(self.data, self.stream, self.samples, epoch, start, self.config, self.rank, self.world)
+        for batch, size in pieces:
+            yield _to_device(batch, self.device), size
+            if self.stopping:
+                return
+
+    def step(self, batch: Batch, size: int) -> None:
+        """One optimizer step on ``batch`` (``size`` samples on this process): the update, the record
+        of its losses, the bar, and a checkpoint when one is due before the epoch's end."""
+        losses = self._update(batch)
+        self._record({k: float(v.detach()) for k, v in losses.items()}, size)
+        end_of_epoch = self.steps == (self.epoch + 1) * self.steps_per_epoch
+        if self.config.stop_after_steps is not None and self.steps >= self.config.stop_after_steps:
+            self.stopping = True
+            self.stopped_mid_epoch = not end_of_epoch   # its summary waits for the resume
+        elif self._checkpoint_due() and not end_of_epoch:
+            self.checkpoint()      # on an epoch's end it waits until the epoch is summarized
+
+    def end_epoch(self, epoch: int, on_epoch_end: Callable[[int], dict[str, float]] | None) -> None:
+        """Records a completed epoch in ``History.epoch``: each loss's sample-weighted mean, then the
+        floats ``on_epoch_end(epoch)`` returns (model in eval mode); then a checkpoint if one is due
+        and the run goes on. Does nothing after a stop in mid-epoch."""
+        if self.stopped_mid_epoch:
+            return
+        for k, v in self.running["sums"].items():
+            self.history.epoch.setdefault(k, []).append(v / max(1, self.running["seen"]))
+        self.running = {"sums": {}, "seen": 0}
+        if on_epoch_end is not None:
+            self.model.eval()
+            for k, v in on_epoch_end(epoch).items():
+                self.history.epoch.setdefault(k, []).append(float(v))
+        if not self.stopping and self._checkpoint_due() and self.steps < self.total_steps:
+            self.checkpoint()
+
+    def checkpoint(self) -> None:
+        """Writes the weights and the trainer state at ``steps`` (rank 0 writes, every rank's RNG state
+        is kept); a no-op without ``checkpoint_dir``. Collective: every rank calls it at the same step."""
+        if self.folder is None:
+            return
+        state = {"step": self.steps, "identity": self.identity, "optimizer": self.optimizer.state_dict(),
+                 "schedule": self.schedule.state_dict(), "scaler": self.scaler.state_dict(),
+                 "rng": _rng_state(self.device), "history": self.history.as_dict(), "running": self.running}
+        if self.world > 1:   # every rank's RNG, so each continues its own stream
+            gathered = [None] * self.world
+            dist.all_gather_object(gathered, state["rng"])
+            state["rng_ranks"] = gathered
+        if self.rank == 0:
+            _save_checkpoint(self.folder, self.model, state, self.steps)
+        if self.world > 1:
+            dist.barrier()
+
+    def _update(self, batch: Batch) -> dict[str, Tensor]:
+        """Forward under autocast, the finiteness check on every process, backward, clipping, the
+        optimizer and schedule steps; records the step's learning rate and returns ``loss_fn``'s dict."""
+        with self.amp_context:
+            losses = self.loss_fn(self.net, batch)
+        loss = losses["loss"]
+        if not _all_finite(loss.detach(), self.world):   # every rank stops together, none hangs
+            raise FloatingPointError(f"{self.config.desc}: loss became {loss.item()} at step {self.steps} "
+                                     f"(on this or another process); lower the learning rate or check the data")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.config.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
+        self.history.lr.append(self.optimizer.param_groups[0]["lr"])
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.schedule.step()
+        self.steps += 1
+        return losses
+
+    def _record(self, losses: dict[str, float], size: int) -> None:
+        """Adds the step's losses (averaged over the processes) to the history, the epoch's running
+        sums (weighted by ``size`` samples) and the progress bar."""
+        values = _reduce_losses(losses, self.world, self.device)
+        for k, v in values.items():
+            self.history.step.setdefault(k, []).append(v)
+            self.running["sums"][k] = self.running["sums"].get(k, 0.0) + v * size
+        self.running["seen"] += size
+        self.bar.update(1)
+        self.bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, refresh=False)
+
+    def _checkpoint_due(self) -> bool:
+        return bool(self.config.checkpoint_every) and self.steps % self.config.checkpoint_every == 0
+
+    def _restore(self, folder: Path) -> None:
+        """Loads the checkpoint in ``folder`` into the model, optimizer, schedule, scaler and RNG, and
+        takes over its step count, history and the interrupted epoch's running sums."""
+        from safetensors.torch import load_file
+
+        state = _checked_state(folder, self.identity)
+        self.model.load_state_dict(load_file(str(folder / MODEL_FILE), device=str(self.device)))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        if state["scaler"] and self.scaler.is_enabled():   # empty when written without float16 scaling
+            self.scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng_ranks"][self.rank] if "rng_ranks" in state else state["rng"], self.device)
+        self.steps, h = int(state["step"]), state["history"]
+        self.history = History(step=h["step"], epoch=h["epoch"], lr=h["lr"], resumed_at=self.steps,
+                               world_size=self.world)
+        self.running = state["running"]
+
+
+def _epoch_size(data: Tensor | Sequence, stream: StepStream | None, config: TrainConfig, rank: int,
+                world: int) -> tuple[int, int]:
+    """``(samples per epoch over all processes, optimizer steps per epoch)``; refuses data that
+    gives no step (no samples, fewer than ``min_batch`` per process, a stream of another batch size)."""
     if stream is not None:
         if stream.batch_size != config.batch_size:
             raise ValueError(f"the stream makes batches of {stream.batch_size}, the config asks for {config.batch_size}")
@@ -346,109 +523,33 @@ def train(model: nn.Module, loss_fn: LossFn, data: Tensor | tuple[Tensor, ...] |
         raise ValueError("no training samples")
     if steps_per_epoch == 0 and config.epochs > 0:
         raise ValueError(f"{n} samples give no batch of at least min_batch={config.min_batch} per process")
-    total_steps = steps_per_epoch * config.epochs
+    return n, steps_per_epoch
 
+
+def _trainable_on(model: nn.Module, device: torch.device) -> list[nn.Parameter]:
+    """Moves ``model`` to ``device`` and returns its parameters with ``requires_grad``; refuses none."""
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters (requires_grad=False everywhere)")
-    optimizer = _make_optimizer(params, config)
-    schedule = _make_schedule(optimizer, total_steps, config)
-    amp_context, amp_dtype = autocast(device, config.amp)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    net = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
+    return params
 
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    identity = {"epochs": config.epochs, "batch_size": config.batch_size, "lr": config.lr, "seed": config.seed,
-                "weight_decay": config.weight_decay, "optimizer": config.optimizer, "schedule": config.schedule,
-                "min_batch": config.min_batch, "samples": n, "world": world, **(fingerprint or {})}
-    torch.manual_seed(config.seed + rank)
-    history, start_step = History(), 0
-    running: dict[str, Any] = {"sums": {}, "seen": 0}     # this epoch's loss sums so far
-    folder = Path(config.checkpoint_dir) if config.checkpoint_dir is not None else None
-    if config.resume and folder is not None and (folder / STATE_FILE).is_file():
-        start_step, history, running = _restore(folder, model, optimizer, schedule, scaler, device, rank, identity)
+def _distributed_model(model: nn.Module, world: int, device: torch.device) -> nn.Module:
+    """``model`` wrapped in ``DistributedDataParallel`` when ``world`` > 1, else ``model`` itself."""
+    if world == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
 
-    bar = tqdm(total=total_steps, initial=start_step, desc=config.desc, disable=not (main and config.progress),
-               leave=False, dynamic_ncols=True)
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    def checkpoint(step: int) -> None:
-        if folder is None:
-            return
-        state = {"step": step, "identity": identity, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                 "scaler": scaler.state_dict(), "rng": _rng_state(device), "history": history.as_dict(), "running": running}
-        if world > 1:   # every rank's RNG, so each continues its own stream
-            gathered = [None] * world
-            dist.all_gather_object(gathered, state["rng"])
-            state["rng_ranks"] = gathered
-        if main:
-            _save_checkpoint(folder, model, state, step)
-        if world > 1:
-            dist.barrier()
 
-    step, stopping, failed = start_step, False, True
-    try:
-        for epoch in range(start_step // max(1, steps_per_epoch), config.epochs):
-            model.train()
-            for batch, size in _epoch(data, stream, n, epoch, step - epoch * steps_per_epoch, config, rank, world):
-                batch = _to_device(batch, device)
-                with amp_context:
-                    losses = loss_fn(net, batch)
-                loss = losses["loss"]
-                if not _all_finite(loss.detach(), world):   # every rank stops together, none hangs
-                    raise FloatingPointError(f"{config.desc}: loss became {loss.item()} at step {step} "
-                                             f"(on this or another process); lower the learning rate or check the data")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if config.grad_clip is not None:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(params, config.grad_clip)
-                history.lr.append(optimizer.param_groups[0]["lr"])
-                scaler.step(optimizer)
-                scaler.update()
-                schedule.step()
-                step += 1
-                values = _reduce_losses({k: float(v.detach()) for k, v in losses.items()}, world, device)
-                for k, v in values.items():
-                    history.step.setdefault(k, []).append(v)
-                    running["sums"][k] = running["sums"].get(k, 0.0) + v * size
-                running["seen"] += size
-                bar.update(1)
-                bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, refresh=False)
-                end_of_epoch = step == (epoch + 1) * steps_per_epoch
-                if config.checkpoint_every and step % config.checkpoint_every == 0 and not end_of_epoch:
-                    checkpoint(step)      # on an epoch's end it waits until the epoch is summarized
-                if config.stop_after_steps is not None and step >= config.stop_after_steps:
-                    stopping = True
-                    if not end_of_epoch:   # mid-epoch: the summary waits for the resume
-                        checkpoint(step)
-                        failed = False
-                        return history
-                    break
-            for k, v in running["sums"].items():
-                history.epoch.setdefault(k, []).append(v / max(1, running["seen"]))
-            running = {"sums": {}, "seen": 0}
-            if on_epoch_end is not None:
-                model.eval()
-                for k, v in on_epoch_end(epoch).items():
-                    history.epoch.setdefault(k, []).append(float(v))
-            if stopping:
-                break
-            if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total_steps:
-                checkpoint(step)
-        checkpoint(step)
-        failed = False
-    finally:
-        bar.close()
-        model.eval()
-        if created_group:
-            if not failed:
-                dist.barrier()
-            dist.destroy_process_group()
-    return history
+def _identity(config: TrainConfig, samples: int, world: int, fingerprint: dict[str, Any] | None) -> dict[str, Any]:
+    """What a checkpoint must share with the run that resumes it: the recipe, the samples per epoch,
+    the number of processes and the caller's ``fingerprint``."""
+    return {"epochs": config.epochs, "batch_size": config.batch_size, "lr": config.lr, "seed": config.seed,
+            "weight_decay": config.weight_decay, "optimizer": config.optimizer, "schedule": config.schedule,
+            "min_batch": config.min_batch, "samples": samples, "world": world, **(fingerprint or {})}
 
 
 def _epoch(data: Any, stream: StepStream | None, n: int, epoch: int, start: int, config: TrainConfig,
@@ -463,13 +564,10 @@ def _epoch(data: Any, stream: StepStream | None, n: int, epoch: int, start: int,
         yield _gather(data, idx), len(idx)
 
 
-def _restore(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Any,
-             scaler: torch.amp.GradScaler, device: torch.device, rank: int,
-             identity: dict[str, Any]) -> tuple[int, History, dict[str, Any]]:
-    """Load a checkpoint written by :func:`train` into the live objects; returns (step, history,
-    the interrupted epoch's running loss sums). Refuses a checkpoint of another run."""
+def _checked_state(folder: Path, identity: dict[str, Any]) -> dict[str, Any]:
+    """The trainer state of the checkpoint in ``folder`` (:func:`load_checkpoint_state`), after
+    refusing one made with another ``identity`` or whose weights are from another step."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     state = load_checkpoint_state(folder)
     before = state.get("identity", {})
@@ -483,15 +581,7 @@ def _restore(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, s
     if weights_step != state["step"]:
         raise ValueError(f"{folder}: the weights are from step {weights_step}, the optimizer state from step "
                          f"{state['step']} (the run was stopped while writing them); start a new run")
-    model.load_state_dict(load_file(str(folder / MODEL_FILE), device=str(device)))
-    optimizer.load_state_dict(state["optimizer"])
-    schedule.load_state_dict(state["schedule"])
-    if state["scaler"] and scaler.is_enabled():   # empty when written without float16 scaling
-        scaler.load_state_dict(state["scaler"])
-    _set_rng_state(state["rng_ranks"][rank] if "rng_ranks" in state else state["rng"], device)
-    h = state["history"]
-    return (int(state["step"]), History(step=h["step"], epoch=h["epoch"], lr=h["lr"], resumed_at=int(state["step"])),
-            state["running"])
+    return state
 
 
 def _plain(value: Any) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -35,22 +36,26 @@ def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("stop_at", [5, 8])   # mid-epoch and exactly at an epoch's end (8 steps per epoch)
-def test_resume_continues_bit_for_bit(tmp_path, stop_at):
-    config = dict(epochs=3, batch_size=8, lr=1e-2, device="cpu", progress=False)
+# mid-epoch, exactly at an epoch's end (8 steps per epoch), and mid-epoch where a periodic checkpoint falls too
+@pytest.mark.parametrize("stop_at, every", [(5, 0), (8, 0), (9, 3)])
+def test_resume_continues_bit_for_bit(tmp_path, stop_at, every):
+    config = dict(epochs=3, batch_size=8, lr=1e-2, device="cpu", progress=False, checkpoint_every=every)
     model, loss_fn, data = make_problem(dropout=0.2)   # dropout: the RNG state must be restored too
     full = train(model, loss_fn, data, TrainConfig(**config, checkpoint_dir=tmp_path / "a"))
     reference = _weights(model)
 
     model, loss_fn, data = make_problem(dropout=0.2)
     cut = train(model, loss_fn, data, TrainConfig(**config, checkpoint_dir=tmp_path / "b", stop_after_steps=stop_at))
-    assert cut.steps == stop_at
+    assert cut.steps == stop_at and load_checkpoint_state(tmp_path / "b")["step"] == stop_at
+    assert len(cut.epoch.get("loss", [])) == stop_at // 8          # an interrupted epoch is not summarized
     model, loss_fn, data = make_problem(dropout=0.2)   # a new process would rebuild everything
     resumed = train(model, loss_fn, data, TrainConfig(**config, checkpoint_dir=tmp_path / "b", resume=True))
     for k, v in reference.items():
         assert torch.equal(model.state_dict()[k], v), k
     assert resumed.step == full.step and resumed.epoch == full.epoch and resumed.lr == full.lr
     assert len(full.epoch["loss"]) == 3 and full.steps == 24
+    assert (full.resumed_at, resumed.resumed_at, resumed.steps_this_session) == (0, stop_at, 24 - stop_at)
+    assert full.world_size == cut.world_size == resumed.world_size == 1     # a plain process
 
 
 def test_a_crash_after_a_checkpoint_on_an_epoch_end_resumes_with_the_epoch_summaries(tmp_path):
@@ -136,14 +141,42 @@ def test_refuses_bad_setups(tmp_path):
         train(model, loss_fn, (data[0], data[1][:10]), TrainConfig(epochs=1, progress=False, device="cpu"))
 
 
-@pytest.mark.slow
-def test_two_process_torchrun_gives_identical_weights_equal_to_one_process_with_twice_the_batch(tmp_path):
+def _torchrun(script: Path, *args: str) -> None:
+    """Runs ``script`` under ``torchrun --nproc-per-node 2`` on the CPU (gloo)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    worker = Path(__file__).with_name("ddp_worker.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(worker), str(tmp_path)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script), *args]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _ddp_resume_worker(out: Path) -> None:
+    """Run by :func:`test_a_two_process_run_records_its_world_size_and_resumes_bit_for_bit` in each
+    process: an unbroken run and one stopped mid-epoch then resumed; writes ``out/rank{R}.json``."""
+    config = dict(epochs=2, batch_size=4, lr=1e-2, device="cpu", progress=False)
+    model, loss_fn, data = make_problem(dropout=0.2)   # per-rank dropout: every rank's RNG is restored
+    full = train(model, loss_fn, data, TrainConfig(**config))
+    reference = _weights(model)
+    model, loss_fn, data = make_problem(dropout=0.2)
+    cut = train(model, loss_fn, data, TrainConfig(**config, checkpoint_dir=out / "ckpt", stop_after_steps=5))
+    model, loss_fn, data = make_problem(dropout=0.2)
+    resumed = train(model, loss_fn, data, TrainConfig(**config, checkpoint_dir=out / "ckpt", resume=True))
+    record = {"world_size": [full.world_size, cut.world_size, resumed.world_size], "steps": [full.steps, cut.steps],
+              "same_losses": resumed.step == full.step and resumed.epoch == full.epoch,
+              "same_weights": all(torch.equal(v, model.state_dict()[k]) for k, v in reference.items())}
+    (out / f"rank{os.environ['RANK']}.json").write_text(json.dumps(record))
+
+
+@pytest.mark.slow
+def test_a_two_process_run_records_its_world_size_and_resumes_bit_for_bit(tmp_path):
+    _torchrun(Path(__file__), str(tmp_path))
+    for rank in range(2):
+        record = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert record == {"world_size": [2, 2, 2], "steps": [16, 5], "same_losses": True, "same_weights": True}
+
+
+@pytest.mark.slow
+def test_two_process_torchrun_gives_identical_weights_equal_to_one_process_with_twice_the_batch(tmp_path):
+    _torchrun(Path(__file__).with_name("ddp_worker.py"), str(tmp_path))
     ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2)]
     for k in ranks[0]:
         assert torch.equal(ranks[0][k], ranks[1][k]), k      # the gradients were all-reduced every step
@@ -155,3 +188,7 @@ def test_two_process_torchrun_gives_identical_weights_equal_to_one_process_with_
         torch.testing.assert_close(ranks[0][k], v, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(ranks[0]["losses"], torch.tensor(history.step["loss"], dtype=torch.float64),
                                rtol=1e-4, atol=1e-6)
+
+
+if __name__ == "__main__":     # under torchrun, for the two-process resume test
+    _ddp_resume_worker(Path(sys.argv[1]))
