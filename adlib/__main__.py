@@ -5,7 +5,7 @@
   decision threshold on held-out normal images (mean + 3 std of their scores) and writes one model file.
 - ``predict --model MODEL IMAGES_OR_FOLDERS... [--csv FILE] [--heatmaps DIR]``: scores images of any
   size and bit depth, read as the training images were; writes a CSV (path, score, decision at the
-  model's threshold) and heat-map PNG overlays.
+  model's threshold) and heat-map PNG overlays, streamed batch by batch (each file read once).
 - ``evaluate --method NAME --data ROOT --category CAT [--backbone NAME_OR_FILE]``: fits on
   ``train/good``, evaluates on ``test/``, prints the metrics table and writes it as JSON.
 - ``export --model MODEL --format onnx --out MODEL.onnx``: the fitted scoring path (preprocessing,
@@ -19,6 +19,7 @@
   ``compare_runs.csv``, ``compare.csv`` and ``compare.md`` (mean ± std over seeds).
 - ``pretrain semi_formula --data ROOT --category CAT --images N --out FILE``: pre-trains a backbone
   on N Gaussian-mixture anomalies streamed from the category's normal images (also under torchrun).
+  Each recipe's options are the fields of its recipe dataclass (:data:`adlib.pretrain.RECIPES`).
 
 Bad input ends with one line on stderr and exit code 2 (``--debug`` shows the traceback); output
 paths are checked before any work starts. Progress bars go to stderr.
@@ -27,13 +28,17 @@ paths are checked before any work starts. Progress bars go to stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
+import inspect
 import json
 import os
 import sys
 import time
 import traceback
+import types
+import typing
 import warnings
 from pathlib import Path
 
@@ -45,8 +50,7 @@ from .data import (ImageFiles, MVTecDataset, Preprocessing, find_data_root, hold
                    load_split, train_batches)
 from .detectors import DETECTORS, get_detector, load_detector
 from .evaluate import evaluate, format_table
-from .pretrain import CenteringRecipe, SemiFormulaRecipe, pretrain_centering, pretrain_semi_formula
-from .pretrain.semi_formula import INITS, LOSSES
+from .pretrain import RECIPES, FieldDoc, PretrainRecipe
 from .backbones import BACKBONES
 from .train import STATE_FILE, is_main_process
 
@@ -229,20 +233,66 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     pre = sub.add_parser("pretrain", help="fine-tune a backbone for anomaly detection, write a backbone file")
     recipes = pre.add_subparsers(dest="recipe", required=True)
-    c = recipes.add_parser("centering", parents=[_common()], help="L_class + lambda * L_center on the category's normal images")
-    defaults = CenteringRecipe()
-    c.add_argument("--backbone", default=defaults.backbone, help="architecture to start from (ImageNet weights)")
-    c.add_argument("--epochs", type=int, default=defaults.epochs)
-    c.add_argument("--lambda-center", type=float, default=defaults.lambda_center)
-    c.add_argument("--form", choices=["per_position", "pooled"], default=defaults.form,
-                   help="L_center on PaDiM's per-position patches or on the pooled vector")
-    c.add_argument("--batch-size", type=int, default=defaults.batch_size, help="per process")
-    c.add_argument("--lr", type=float, default=defaults.lr)
-    c.add_argument("--seed", type=int, default=defaults.seed)
-    c.add_argument("--labelled", default=None, metavar="FOLDER",
-                   help="ImageFolder of ImageNet classes for L_class (default: distillation from the original)")
-    _add_run_options(c, checkpoint_every=20)
-    _add_semi_formula(recipes)
+    for entry in RECIPES.values():
+        p = recipes.add_parser(entry.name, parents=[_common()], help=entry.description)
+        hints = typing.get_type_hints(entry.recipe)
+        for f in entry.fields():
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            _add_typed_option(p, f.name, hints[f.name], default, entry.docs.get(f.name))
+        hints = typing.get_type_hints(entry.pretrain)
+        parameters = inspect.signature(entry.pretrain).parameters
+        for name in entry.run_options:
+            _add_typed_option(p, name, hints[name], parameters[name].default, entry.docs.get(name))
+        _add_run_options(p, checkpoint_every=entry.checkpoint_every)
+
+
+def _add_typed_option(p: argparse.ArgumentParser, name: str, annotation, default, doc: FieldDoc | None) -> None:
+    """``--NAME`` (underscores as dashes) for a recipe field of type ``annotation``: int, float, str, bool,
+    a fixed or open tuple of one of them (``nargs``), or any of these ``| None`` (the word ``none``
+    gives None)."""
+    doc = doc or FieldDoc()
+    optional = False
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        kinds = [a for a in typing.get_args(annotation) if a is not type(None)]
+        optional = len(kinds) < len(typing.get_args(annotation))
+        if len(kinds) != 1:
+            raise TypeError(f"option --{name}: the command line cannot read a {annotation}")
+        annotation = kinds[0]
+    kwargs: dict = {"default": default}
+    if typing.get_origin(annotation) is tuple:
+        items = typing.get_args(annotation)
+        open_ended = len(items) == 2 and items[1] is Ellipsis
+        if open_ended:
+            items = items[:1]
+        if len(set(items)) != 1:
+            raise TypeError(f"option --{name}: the command line cannot read a {annotation}")
+        kwargs["nargs"] = "+" if open_ended else len(items)
+        annotation = items[0]
+    if annotation is bool and "nargs" not in kwargs:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif annotation in (int, float, str):
+        kwargs["type"] = _none_or(annotation) if optional else annotation
+    else:
+        raise TypeError(f"option --{name}: the command line cannot read a {annotation}")
+    if doc.choices is not None:
+        kwargs["choices"] = doc.choices
+    if doc.metavar is not None:
+        kwargs["metavar"] = doc.metavar
+    shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+    help_text = doc.help.replace("%", "%%")
+    if shown is not None and "default" not in help_text:
+        help_text = f"{help_text} (default: {str(shown).replace('%', '%%')})".lstrip()
+    p.add_argument(f"--{name.replace('_', '-')}", dest=name, help=help_text or None, **kwargs)
+
+
+def _none_or(parse):
+    """An argparse ``type`` for an optional field: the word ``none`` is None, anything else ``parse(text)``."""
+
+    def convert(text: str):
+        return None if text.lower() == "none" else parse(text)
+
+    convert.__name__ = parse.__name__
+    return convert
 
 
 def _add_run_options(p: argparse.ArgumentParser, checkpoint_every: int) -> None:
@@ -256,24 +306,6 @@ def _add_run_options(p: argparse.ArgumentParser, checkpoint_every: int) -> None:
     p.add_argument("--checkpoint-dir", type=Path, default=None, help="default: OUT with the suffix .ckpt")
     p.add_argument("--checkpoint-every", type=int, default=checkpoint_every, help="steps between checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-
-
-def _add_semi_formula(recipes: argparse._SubParsersAction) -> None:
-    s = recipes.add_parser("semi_formula", parents=[_common()], help="separation + ranking losses on streamed Gaussian-mixture anomalies")
-    defaults = SemiFormulaRecipe()
-    s.add_argument("--images", type=int, default=defaults.images,
-                   help="anomalous images to stream, all processes together (default: %(default)s)")
-    s.add_argument("--backbone", default=defaults.backbone, help="architecture to pre-train")
-    s.add_argument("--init", choices=INITS, default=defaults.init, help="start from ImageNet weights or from scratch")
-    s.add_argument("--losses", choices=LOSSES, default=defaults.losses,
-                   help="separation (a), ranking (b) or both")
-    s.add_argument("--margin", type=float, default=defaults.margin)
-    s.add_argument("--tau", type=float, default=defaults.tau)
-    s.add_argument("--batch-size", type=int, default=defaults.batch_size, help="pairs per step and process")
-    s.add_argument("--lr", type=float, default=defaults.lr)
-    s.add_argument("--seed", type=int, default=defaults.seed)
-    s.add_argument("--workers", type=int, default=0, help="DataLoader processes making the blobs (CPU only)")
-    _add_run_options(s, checkpoint_every=200)
 
 
 def _device(name: str | None):
@@ -305,50 +337,26 @@ def _normal_images(args: argparse.Namespace):
     return load_split(train)[0]
 
 
+def _recipe_from_args(entry: PretrainRecipe, args: argparse.Namespace):
+    """The recipe of ``entry`` with every field as parsed (``nargs`` lists as tuples)."""
+    values = {f.name: getattr(args, f.name) for f in entry.fields()}
+    return entry.make(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
 def run_pretrain(args: argparse.Namespace) -> dict:
     """``pretrain RECIPE``: train, then (rank 0) write the backbone file; returns a summary."""
-    if args.recipe == "semi_formula":
-        return run_semi_formula(args)
-    if args.epochs < 1:
+    entry = RECIPES[args.recipe]
+    if getattr(args, "epochs", 1) < 1:
         raise ValueError(f"--epochs must be at least 1, got {args.epochs}")
     _check_pretrain_args(args)
     device = _device(args.device)
-    recipe = CenteringRecipe(backbone=args.backbone, lambda_center=args.lambda_center, form=args.form,
-                             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                             labelled=args.labelled)
+    recipe = _recipe_from_args(entry, args)
     folder = _checkpoint_folder(args)
     images = _normal_images(args)
-    run = pretrain_centering(images, recipe, device=device, checkpoint_dir=folder,
-                             checkpoint_every=args.checkpoint_every, resume=args.resume,
-                             data_name=f"{args.category} (limit {args.limit})")
-    summary = {"recipe": "centering", "category": args.category, "train_images": len(images),
-               "steps": run.history.steps, "seconds": round(run.seconds, 1), "world_size": run.world_size,
-               **{k: round(v[-1], 5) for k, v in run.history.epoch.items()}}
-    if is_main_process():
-        summary["sha256"] = run.save(args.out, category=args.category, image_size=args.image_size)
-        summary["out"] = str(args.out)
-        print(json.dumps(summary, indent=2))
-    return summary
-
-
-def run_semi_formula(args: argparse.Namespace) -> dict:
-    """``pretrain semi_formula``: stream, train, then (rank 0) write the backbone file."""
-    _check_pretrain_args(args)
-    device = _device(args.device)
-    recipe = SemiFormulaRecipe(backbone=args.backbone, init=args.init, losses=args.losses, margin=args.margin,
-                               tau=args.tau, images=args.images, batch_size=args.batch_size, lr=args.lr,
-                               seed=args.seed)
-    folder = _checkpoint_folder(args)
-    images = _normal_images(args)
-    run = pretrain_semi_formula(images, recipe, device=device, checkpoint_dir=folder,
-                                checkpoint_every=args.checkpoint_every, resume=args.resume, workers=args.workers,
-                                data_name=f"{args.category} (limit {args.limit})")
-    summary = {"recipe": "semi_formula", "category": args.category, "normal_images": len(images),
-               "streamed_images": run.history.steps * recipe.batch_size * run.world_size,
-               "steps": run.history.steps, "seconds": round(run.seconds, 1), "world_size": run.world_size,
-               "stream_images_per_s": round(run.stream_images_per_s or 0.0, 1),
-               "train_images_per_s": round(run.train_images_per_s, 2),
-               **{k: round(v[-1], 5) for k, v in run.history.epoch.items()}}
+    run = entry.pretrain(images, recipe, device=device, checkpoint_dir=folder, checkpoint_every=args.checkpoint_every,
+                         resume=args.resume, data_name=f"{args.category} (limit {args.limit})",
+                         **{name: getattr(args, name) for name in entry.run_options})
+    summary = {"recipe": entry.name, "category": args.category, **entry.summary(run)}
     if is_main_process():
         summary["sha256"] = run.save(args.out, category=args.category, image_size=args.image_size)
         summary["out"] = str(args.out)
@@ -479,7 +487,7 @@ def run_fit(args: argparse.Namespace) -> dict:
     own_rule = detector.calibrates_itself
     fit_files, held_files = (files, []) if own_rule else _split_holdout(files, args.holdout, args.seed)
     start = time.perf_counter()
-    detector.fit(train_batches(ImageFiles(fit_files, prep), args.batch_size))
+    detector.fit(train_batches(ImageFiles(fit_files, prep), args.batch_size), preprocessing=prep)
     summary = {"method": args.method, "fit_images": len(fit_files), "holdout_images": len(held_files),
                "image_size": prep.side, "fit_seconds": round(time.perf_counter() - start, 1)}
     if own_rule:
@@ -499,8 +507,10 @@ def run_fit(args: argparse.Namespace) -> dict:
     return summary
 
 
-def run_predict(args: argparse.Namespace) -> list[dict]:
-    """``predict``: model file + images -> CSV rows (and heat-map PNGs)."""
+def run_predict(args: argparse.Namespace) -> dict:
+    """``predict``: model file + images -> CSV rows (and heat-map PNGs), streamed: each batch of files is
+    read once, scored, written (rows and heat maps) and dropped, so memory holds one batch whatever the
+    number of images."""
     if not args.model.is_file():
         raise ValueError(f"--model {args.model}: no such file")
     _check_output(args.csv, "--csv")
@@ -509,6 +519,8 @@ def run_predict(args: argparse.Namespace) -> list[dict]:
             raise ValueError(f"--heatmaps {args.heatmaps} is a file; give a folder")
         _check_writable_folder(args.heatmaps, "--heatmaps")
     files = list_image_files(args.images)
+    if not files:
+        raise ValueError("no image files given")
     _device(args.device)
     try:
         detector = load_detector(args.model, args.device)
@@ -520,58 +532,83 @@ def run_predict(args: argparse.Namespace) -> list[dict]:
         raise ValueError(f"--model {args.model} was fitted on tensors, without a record of how files were read; "
                          f"refit it with `adlib fit` (or on adlib.data.train_batches)")
     threshold = args.threshold if args.threshold is not None else detector.threshold
-    rows, maps = [], []
-    for start in tqdm(range(0, len(files), args.batch_size), desc="predict", unit="batch", file=sys.stderr):
-        chunk = files[start:start + args.batch_size]
-        scores, batch_maps = detector.predict_files(chunk, args.batch_size)
-        for path, score in zip(chunk, scores.tolist()):
-            decision = "" if threshold is None else ("anomalous" if score > threshold else "normal")
-            rows.append({"path": str(path), "score": f"{score:.6g}", "decision": decision,
-                         "threshold": "" if threshold is None else f"{threshold:.6g}"})
-        if args.heatmaps is not None:
-            maps.append(batch_maps.half())
-    _write_csv(rows, args.csv)
-    if args.heatmaps is not None:
-        _write_heatmaps(files, detector, torch.cat(maps), threshold, args.heatmaps)
-    return rows
+    heatmaps = _Heatmaps(args.heatmaps, threshold) if args.heatmaps is not None else None
+    with _csv_rows(args.csv) as write_rows:
+        for start in tqdm(range(0, len(files), args.batch_size), desc="predict", unit="batch", file=sys.stderr):
+            chunk = files[start:start + args.batch_size]
+            images = detector.preprocessing.load_many(chunk)     # the only read of these files
+            scores, maps = detector.predict(images)
+            write_rows([_csv_row(path, score, threshold) for path, score in zip(chunk, scores.tolist())])
+            if heatmaps is not None:
+                heatmaps.write(chunk, images, maps.cpu())
+            del images, scores, maps    # this batch is written: drop it before the next one is read
+    if args.csv is not None:
+        print(f"adlib predict: {len(files)} images scored -> {args.csv}", file=sys.stderr)
+    if heatmaps is not None:
+        print(f"adlib predict: {heatmaps.written} heat maps -> {args.heatmaps}", file=sys.stderr)
+    return {"images": len(files), "csv": None if args.csv is None else str(args.csv),
+            "heatmaps": None if args.heatmaps is None else str(args.heatmaps)}
 
 
-def _write_csv(rows: list[dict], path: Path | None) -> None:
-    fields = ["path", "score", "decision", "threshold"]
+_CSV_FIELDS = ["path", "score", "decision", "threshold"]
+
+
+def _csv_row(path: Path, score: float, threshold: float | None) -> dict:
+    decision = "" if threshold is None else ("anomalous" if score > threshold else "normal")
+    return {"path": str(path), "score": f"{score:.6g}", "decision": decision,
+            "threshold": "" if threshold is None else f"{threshold:.6g}"}
+
+
+@contextlib.contextmanager
+def _csv_rows(path: Path | None):
+    """Yields ``write(rows)``. Standard output gets the rows as they come; a file is written beside
+    ``path`` and renamed onto it when all rows are in, so a run that fails leaves no half CSV there."""
     if path is None:
-        writer = csv.DictWriter(sys.stdout, fieldnames=fields, lineterminator="\n")
+        writer = csv.DictWriter(sys.stdout, fieldnames=_CSV_FIELDS, lineterminator="\n")
         writer.writeheader()
-        writer.writerows(rows)
+        yield writer.writerows
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"adlib predict: {len(rows)} images scored -> {path}", file=sys.stderr)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        with open(partial, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=_CSV_FIELDS)
+            writer.writeheader()
+            yield writer.writerows
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
-def _write_heatmaps(files: list[Path], detector, maps, threshold: float | None, folder: Path) -> None:
-    """One PNG per image, all on one colour scale: from the lowest map value of this run to the larger
-    of its highest and twice the threshold, so that colour means the same in every file."""
-    from PIL import Image
+class _Heatmaps:
+    """One PNG per image, written batch by batch, all on one colour scale fixed at the first batch: from
+    its lowest map value to the larger of its highest and twice the threshold (a later map beyond it
+    saturates), so that colour means the same in every file of the run."""
 
-    from .viz import heatmap_rgb
+    def __init__(self, folder: Path, threshold: float | None) -> None:
+        self.folder, self.threshold = folder, threshold
+        self.scale: tuple[float, float] | None = None
+        self.used: set[str] = set()
+        self.written = 0
 
-    folder.mkdir(parents=True, exist_ok=True)
-    vmin = float(maps.min())
-    vmax = max(float(maps.max()), 2 * threshold if threshold is not None else float("-inf"))
-    used: set[str] = set()
-    for path, amap in zip(files, maps):
-        name = f"{path.stem}_heatmap.png"
-        k = 1
-        while name in used:   # two inputs with one name (from two folders): number them
-            k += 1
-            name = f"{path.stem}_{k}_heatmap.png"
-        used.add(name)
-        image = detector.preprocessing.load(path)
-        Image.fromarray(heatmap_rgb(image, amap.float(), vmin, vmax)).save(folder / name)
-    print(f"adlib predict: {len(files)} heat maps -> {folder}", file=sys.stderr)
+    def write(self, paths: list[Path], images: torch.Tensor, maps: torch.Tensor) -> None:
+        from PIL import Image
+
+        from .viz import heatmap_rgb
+
+        if self.scale is None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            twice_threshold = 2 * self.threshold if self.threshold is not None else float("-inf")
+            self.scale = (float(maps.min()), max(float(maps.max()), twice_threshold))
+        for path, image, amap in zip(paths, images, maps):
+            name = f"{path.stem}_heatmap.png"
+            k = 1
+            while name in self.used:   # two inputs with one name (from two folders): number them
+                k += 1
+                name = f"{path.stem}_{k}_heatmap.png"
+            self.used.add(name)
+            Image.fromarray(heatmap_rgb(image, amap.float(), *self.scale)).save(self.folder / name)
+            self.written += 1
 
 
 def run_export(args: argparse.Namespace) -> dict:

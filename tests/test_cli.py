@@ -142,3 +142,232 @@ def test_fit_keeps_a_method_s_own_threshold_rule_and_says_which_rule_it_used(fol
             assert summary["threshold"] == pytest.approx(load_detector(model).threshold)
         else:
             assert summary["holdout_images"] >= 2 and summary["threshold_rule"].startswith("mean + 3 std of")
+
+
+# ---------------------------------------------------------------------------------------------
+# predict streams: one read per file, batches no larger than --batch-size, each batch written and
+# dropped before the next is read
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def many_inputs(folders, tmp_path_factory) -> tuple[Path, list[str]]:
+    """A fitted pixel_stats model and 12 inputs in two folders holding the same file names."""
+    _, normal, test = folders
+    base = tmp_path_factory.mktemp("many")
+    model = base / "ps.safetensors"
+    assert main(["fit", "--method", "pixel_stats", "--images", str(normal), "--out", str(model),
+                 "--image-size", "48", "--holdout", "0.25"]) == 0
+    inputs = []
+    for part in ("a", "b"):
+        (base / part).mkdir()
+        for path in sorted(test.glob("*.png")):
+            shutil.copy(path, base / part / path.name)
+        inputs.append(str(base / part))
+    return model, inputs
+
+
+def test_predict_streams_each_file_read_once_batches_bounded(many_inputs, tmp_path, monkeypatch, capsys):
+    import gc
+    import weakref
+
+    from adlib.data import Preprocessing, list_image_files
+    from adlib.detectors import PixelStats
+
+    model, inputs = many_inputs
+    files = list_image_files(inputs)
+    heat = tmp_path / "heat"
+    reads: list[str] = []
+    real_read = Preprocessing.read
+
+    def counting_read(self, path, *args, **kwargs):
+        reads.append(str(path))
+        return real_read(self, path, *args, **kwargs)
+
+    sizes: list[int] = []
+    earlier_maps: list[weakref.ref] = []
+    real_predict = PixelStats.predict
+
+    def recording_predict(self, images):
+        gc.collect()
+        # every earlier batch is written (its heat maps on disk) and no longer held when the next one comes
+        assert all(ref() is None for ref in earlier_maps), "an earlier batch's maps are still held"
+        assert len(list(heat.glob("*.png"))) == sum(sizes)
+        sizes.append(len(images))
+        scores, maps = real_predict(self, images)
+        earlier_maps.append(weakref.ref(maps))
+        return scores, maps
+
+    monkeypatch.setattr(Preprocessing, "read", counting_read)
+    monkeypatch.setattr(PixelStats, "predict", recording_predict)
+    assert main(["predict", "--model", str(model), *inputs, "--csv", str(tmp_path / "s.csv"),
+                 "--heatmaps", str(heat), "--batch-size", "5"]) == 0
+    assert sizes == [5, 5, 2]
+    assert sorted(reads) == sorted(map(str, files))        # each input opened exactly once, heat maps included
+    # heat-map names as before: the stem, numbered from 2 where two inputs share it
+    stems = [p.stem for p in files]
+    expected = {f"{s}_heatmap.png" for s in stems} | {f"{s}_2_heatmap.png" for s in stems}
+    assert {p.name for p in heat.glob("*.png")} == expected
+    assert "12 heat maps" in capsys.readouterr().err
+
+
+def test_predict_csv_and_heatmaps_equal_one_unbatched_predict(many_inputs, tmp_path):
+    from adlib.data import list_image_files
+    from adlib.viz import heatmap_rgb
+
+    model, inputs = many_inputs
+    out_csv, heat = tmp_path / "s.csv", tmp_path / "heat"
+    assert main(["predict", "--model", str(model), *inputs, "--csv", str(out_csv), "--heatmaps", str(heat),
+                 "--batch-size", "4"]) == 0
+    rows = list(csv.DictReader(open(out_csv, newline="")))
+    assert list(rows[0]) == ["path", "score", "decision", "threshold"]
+    assert not list(tmp_path.glob(".*partial"))
+    detector = load_detector(model)
+    files = list_image_files(inputs)
+    images = detector.preprocessing.load_many(files)
+    scores, maps = detector.predict(images)                  # all files in one call, nothing streamed
+    t = detector.threshold
+    assert [r["path"] for r in rows] == [str(p) for p in files]
+    assert [r["threshold"] for r in rows] == [f"{t:.6g}"] * len(files)
+    assert [r["decision"] for r in rows] == ["anomalous" if s > t else "normal" for s in scores.tolist()]
+    assert [float(r["score"]) for r in rows] == pytest.approx(scores.tolist(), rel=1e-5)
+    # one colour scale, fixed at the first batch (the first 4 maps) and twice the threshold
+    vmin, vmax = float(maps[:4].min()), max(float(maps[:4].max()), 2 * t)
+    seen: set[str] = set()
+    for path, image, amap in zip(files, images, maps):
+        name = f"{path.stem}_heatmap.png" if f"{path.stem}_heatmap.png" not in seen else f"{path.stem}_2_heatmap.png"
+        seen.add(name)
+        written = np.asarray(Image.open(heat / name)).astype(int)
+        assert np.abs(written - heatmap_rgb(image, amap, vmin, vmax).astype(int)).max() <= 1, name
+
+
+def test_predict_that_fails_midway_leaves_no_csv(many_inputs, tmp_path, monkeypatch):
+    from adlib.detectors import PixelStats
+
+    model, inputs = many_inputs
+    calls = []
+    real_predict = PixelStats.predict
+
+    def failing_second_batch(self, images):
+        calls.append(len(images))
+        if len(calls) == 2:
+            raise ValueError("unreadable image")
+        return real_predict(self, images)
+
+    monkeypatch.setattr(PixelStats, "predict", failing_second_batch)
+    out_csv = tmp_path / "s.csv"
+    assert main(["predict", "--model", str(model), *inputs, "--csv", str(out_csv), "--batch-size", "5"]) == 2
+    assert not out_csv.exists() and not list(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------
+# pretrain: options read from the recipe registry; main's user errors
+# ---------------------------------------------------------------------------------------------
+
+OPTIONS_BEFORE_THE_REGISTRY = {   # every recipe option the CLI had when it declared them by hand
+    "centering": ["backbone", "epochs", "lambda_center", "form", "batch_size", "lr", "seed", "labelled"],
+    "semi_formula": ["images", "backbone", "init", "losses", "margin", "tau", "batch_size", "lr", "seed", "workers"],
+}
+
+
+@pytest.mark.parametrize("name", ["centering", "semi_formula"])
+def test_pretrain_options_are_the_recipe_fields_with_their_defaults(name):
+    import dataclasses
+    import inspect
+
+    from adlib.__main__ import _recipe_from_args, build_parser
+    from adlib.pretrain import RECIPES
+
+    entry = RECIPES[name]
+    parser = build_parser()
+    sub = next(a for a in parser._actions if hasattr(a, "choices") and a.choices and "pretrain" in a.choices)
+    recipe_parser = next(a for a in sub.choices["pretrain"]._actions if getattr(a, "choices", None)
+                         and name in a.choices).choices[name]
+    flags = {a.dest: a for a in recipe_parser._actions}
+    for f in entry.fields():
+        assert f"--{f.name.replace('_', '-')}" in flags[f.name].option_strings
+        assert flags[f.name].default == f.default, f.name
+    for option in entry.run_options:
+        assert flags[option].default == inspect.signature(entry.pretrain).parameters[option].default
+    assert set(OPTIONS_BEFORE_THE_REGISTRY[name]) <= set(flags)
+    assert flags["checkpoint_every"].default == entry.checkpoint_every == {"centering": 20, "semi_formula": 200}[name]
+    defaults = build_parser().parse_args(["pretrain", name, "--out", "w.safetensors"])
+    assert _recipe_from_args(entry, defaults) == entry.recipe()
+    assert dataclasses.asdict(_recipe_from_args(entry, defaults)) == dataclasses.asdict(entry.recipe())
+
+
+def test_pretrain_tuple_and_optional_options_parse():
+    from adlib.__main__ import _recipe_from_args, build_parser
+    from adlib.pretrain import RECIPES
+
+    args = build_parser().parse_args(["pretrain", "centering", "--out", "w.safetensors", "--strides", "16", "4",
+                                      "--labelled", "none", "--class-weight", "0.5"])
+    recipe = _recipe_from_args(RECIPES["centering"], args)
+    assert recipe.strides == (4, 16) and recipe.labelled is None and recipe.class_weight == 0.5
+    args = build_parser().parse_args(["pretrain", "centering", "--out", "w.safetensors", "--labelled", "imagenet/"])
+    assert _recipe_from_args(RECIPES["centering"], args).labelled == "imagenet/"
+    args = build_parser().parse_args(["pretrain", "semi_formula", "--out", "w.safetensors", "--components", "2", "4",
+                                      "--sigma", "0.02", "0.1", "--signs", "positive"])
+    recipe = _recipe_from_args(RECIPES["semi_formula"], args)
+    assert recipe.components == (2, 4) and recipe.sigma == (0.02, 0.1) and recipe.signs == "positive"
+    with pytest.raises(SystemExit):      # a (min, max) option takes exactly two numbers
+        build_parser().parse_args(["pretrain", "semi_formula", "--out", "w.safetensors", "--components", "2"])
+
+
+@pytest.mark.parametrize("name", ["centering", "semi_formula"])
+def test_pretrain_runs_every_recipe_through_one_path(name, synthetic_root, tmp_path, monkeypatch, capsys):
+    """The recipe from the options and the run options reach the registered function; one summary/save."""
+    import dataclasses
+    import functools
+
+    from adlib.pretrain import RECIPES
+    from adlib.train import History
+
+    entry = RECIPES[name]
+    seen = {}
+
+    @functools.wraps(entry.pretrain)      # the signature the CLI reads run options from
+    def fake_pretrain(images, recipe, **kwargs):
+        seen.update(images=len(images), recipe=recipe, **kwargs)
+        history = History(epoch={"loss": [0.5, 0.25]}, lr=[1e-4] * 3)      # 3 steps, 2 epochs
+        values = dict(net=None, recipe=recipe, history=history, seconds=1.0, train_images=len(images), world_size=1,
+                      stream_images_per_s=10.0)
+        return entry.run(**{f.name: values[f.name] for f in dataclasses.fields(entry.run)})
+
+    def fake_save(run, path, **extra):
+        Path(path).write_bytes(b"backbone")
+        seen["extra"] = extra
+        return "abc"
+
+    monkeypatch.setitem(RECIPES, name, dataclasses.replace(entry, pretrain=fake_pretrain))
+    monkeypatch.setattr(entry.run, "save", fake_save)
+    out = tmp_path / "w.safetensors"
+    extra = ["--strides", "8", "16"] + (["--workers", "0"] if name == "semi_formula" else ["--epochs", "2"])
+    assert main(["pretrain", name, "--data", str(synthetic_root), "--category", "synthetic", "--out", str(out),
+                 "--image-size", "32", "--limit", "4", "--device", "cpu", "--batch-size", "2", *extra]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert seen["recipe"] == entry.recipe(strides=(8, 16), batch_size=2, **({"epochs": 2} if name == "centering" else {}))
+    assert seen["images"] == 4 and seen["checkpoint_every"] == entry.checkpoint_every and not seen["resume"]
+    assert ("workers" in seen) == (name == "semi_formula")
+    assert seen["extra"] == {"category": "synthetic", "image_size": 32}
+    assert summary["recipe"] == name and summary["sha256"] == "abc" and summary["out"] == str(out)
+    assert summary["steps"] == 3 and summary["loss"] == 0.25 and summary["world_size"] == 1
+    count = "train_images" if name == "centering" else "normal_images"
+    assert summary[count] == 4
+
+
+@pytest.mark.parametrize("error, code", [(ValueError("bad"), 2), (OSError("disk"), 2), (ImportError("onnx"), 2),
+                                         (TypeError("bug"), None), (KeyError("bug"), None), (RuntimeError("bug"), None)])
+def test_main_turns_only_user_errors_into_exit_2(error, code, monkeypatch, capsys):
+    import adlib.__main__ as cli
+
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr(cli, "run_export", fail)
+    argv = ["export", "--model", "m.safetensors", "--out", "m.onnx"]
+    if code is None:         # a bug: its traceback, not "bad input"
+        with pytest.raises(type(error)):
+            cli.main(argv)
+    else:
+        assert cli.main(argv) == code
+        assert "adlib export: error:" in capsys.readouterr().err

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+BLOB_SIGNS = ("both", "positive", "negative")   # the sign of each blob's intensity change
+BLOB_COLOURS = ("random", "gray")               # per-channel weights in [0.5, 1], or all 1
+
 
 @dataclass
 class BlobParams:
@@ -68,10 +71,10 @@ def gmm_blobs(images: Tensor, n_components: tuple[int, int] = (1, 4), centre: tu
         raise ValueError(f"sigma must be (min, max) with 0 < min <= max and mask_level > 0, got {sigma}, {mask_level}")
     if not 1 <= lo <= hi:
         raise ValueError(f"n_components must be (min, max) with 1 <= min <= max, got {n_components}")
-    if signs not in ("both", "positive", "negative"):
-        raise ValueError(f"signs must be 'both', 'positive' or 'negative', got {signs!r}")
-    if colour not in ("random", "gray"):
-        raise ValueError(f"colour must be 'random' or 'gray', got {colour!r}")
+    if signs not in BLOB_SIGNS:
+        raise ValueError(f"signs must be one of {BLOB_SIGNS}, got {signs!r}")
+    if colour not in BLOB_COLOURS:
+        raise ValueError(f"colour must be one of {BLOB_COLOURS}, got {colour!r}")
     b, c, h, w = images.shape
     device = images.device
     if generator is None:
