@@ -40,6 +40,10 @@ __all__ = [
     "stage_features",
     "resnet_stages",
     "trainable_prefix",
+    "stage_features_and_logits",
+    "batch_norms",
+    "FineTunedBackbone",
+    "torchvision_weights_cached",
     "FeatureExtractor",
     "fold_batchnorm",
     "BACKBONES",
@@ -56,7 +60,6 @@ __all__ = [
     "read_backbone_metadata",
     "is_backbone_file",
     "file_sha256",
-    "BackboneFileError",
 ]
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
@@ -349,17 +352,20 @@ def load_backbone_file(path: str | os.PathLike) -> tuple[nn.Module, dict[str, An
     return model.eval(), meta
 
 
+def torchvision_weights_cached(weights: Any) -> bool:
+    """Whether a torchvision weights entry (e.g. ``ResNet50_Weights.IMAGENET1K_V1``) is in torch's hub
+    cache, so that it loads without a download; nothing is downloaded to find out."""
+    return os.path.isfile(os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url)))
+
+
 def weights_available(name: str) -> bool:
     """True when ``name``'s ImageNet weights can load without a download (installed or cached)."""
     if name in LITE_VARIANTS:
         return importlib.util.find_spec(LITE_VARIANTS[name][3]) is not None
     if name in _TORCHVISION:
-        import os
-
         import torchvision
 
-        url = getattr(torchvision.models, _TORCHVISION[name].weights).IMAGENET1K_V1.url
-        return os.path.isfile(os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url)))
+        return torchvision_weights_cached(getattr(torchvision.models, _TORCHVISION[name].weights).IMAGENET1K_V1)
     raise ValueError(f"unknown backbone {name!r}; choose one of {list(BACKBONES)}")
 
 
@@ -424,6 +430,84 @@ def trainable_prefix(model: nn.Module, deepest: int) -> list[nn.Module]:
         return [model._conv_stem, model._bn0, *model._blocks[: last + 1]]
     layers = {4: 1, 8: 2, 16: 3, 32: 4}[deepest]
     return [model.conv1, model.bn1, *[getattr(model, f"layer{i}") for i in range(1, layers + 1)]]
+
+
+def stage_features_and_logits(model: nn.Module, x: Tensor, strides: tuple[int, ...]
+                              ) -> tuple[dict[int, Tensor], Tensor]:
+    """One pass of a backbone of :func:`build_architecture` on its own input ``(B, 3, H, W)``: the
+    stage features ``{stride: (B, C_s, H/s, W/s)}`` for ``strides`` and the ImageNet logits ``(B, 1000)``."""
+    feats = stage_features(model, x, tuple(strides) + (32,))
+    top = feats.pop(32) if 32 not in strides else feats[32]
+    if isinstance(model, EfficientNetLite):
+        return feats, model._fc(F.relu6(model._bn1(model._conv_head(top))).mean(dim=(2, 3)))
+    return feats, model.fc(torch.flatten(model.avgpool(top), 1))
+
+
+def batch_norms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """Every batch-norm layer inside ``module``."""
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+class FineTunedBackbone(nn.Module):
+    """A backbone being fine-tuned: everything frozen except ``trainable``, batch norms optionally kept
+    as they are (statistics and affine frozen, always in eval mode), and the architecture's own input
+    normalization applied to adlib's ImageNet-normalized images.
+
+    The one wrapper behind centering's student, semi-formula's network and DenseHybrid's backbone.
+    ``forward(images (B, 3, H, W))`` returns ``{stride: (B, C_s, H/s, W/s)}`` for ``strides``;
+    :meth:`for_architecture` builds one from a name of :data:`BACKBONES`.
+
+    Args:
+        net: the network; stored as ``net`` (the state-dict prefix).
+        strides: the stages ``forward`` returns.
+        trainable: the modules whose parameters train; all others are frozen.
+        freeze_batchnorm: keep the batch norms' statistics and affine parameters (pretrained weights);
+            ``False`` lets them train (a network from scratch).
+        affine: ``(scale, shift)`` each ``(1, 3, 1, 1)`` (:func:`input_affine`), or ``None`` for a network
+            that takes ImageNet-normalized input as it is.
+    """
+
+    def __init__(self, net: nn.Module, strides: tuple[int, ...], trainable: list[nn.Module],
+                 freeze_batchnorm: bool = True, affine: tuple[Tensor, Tensor] | None = None):
+        super().__init__()
+        self.net = net
+        self.strides = tuple(sorted(strides))
+        self.freeze_batchnorm = freeze_batchnorm
+        net.requires_grad_(False)
+        for module in trainable:
+            module.requires_grad_(True)
+        if freeze_batchnorm:
+            for norm in batch_norms(net):
+                norm.requires_grad_(False)
+        self.has_affine = affine is not None
+        if affine is not None:
+            self.register_buffer("scale", affine[0])
+            self.register_buffer("shift", affine[1])
+        self.train()
+
+    @classmethod
+    def for_architecture(cls, architecture: str, strides: tuple[int, ...], pretrained: bool = True,
+                         trainable: bool = True, freeze_batchnorm: bool = True) -> "FineTunedBackbone":
+        """``architecture`` (one of :data:`BACKBONES`) with the blocks up to ``max(strides)`` trainable
+        (``trainable``) and the deeper ones frozen."""
+        net = build_architecture(architecture, pretrained)
+        blocks = trainable_prefix(net, max(strides)) if trainable else []
+        return cls(net, strides, blocks, freeze_batchnorm, input_affine(architecture))
+
+    def train(self, mode: bool = True) -> "FineTunedBackbone":
+        """As ``nn.Module.train``, except that kept batch norms stay in eval mode."""
+        super().train(mode)
+        if self.freeze_batchnorm:
+            for norm in batch_norms(self):
+                norm.eval()
+        return self
+
+    def net_input(self, images: Tensor) -> Tensor:
+        """ImageNet-normalized ``(B, 3, H, W)`` -> the input normalization ``net``'s weights expect."""
+        return images * self.scale + self.shift if self.has_affine else images
+
+    def forward(self, images: Tensor) -> dict[int, Tensor]:
+        return stage_features(self.net, self.net_input(images), self.strides)
 
 
 class FeatureExtractor(nn.Module):

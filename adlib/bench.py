@@ -506,7 +506,7 @@ def bench_export(detector: Any, pixels: torch.Tensor, path: Path, repeat: int = 
     adlib is faster); ``max_rel_err``
     compares the maps (relative to each map's largest value)."""
     from .data import normalize
-    from .deploy import ExportedDetector
+    from .deploy import ExportedDetector, max_relative_error
     from .export import export_onnx
 
     export_onnx(detector, path)
@@ -515,9 +515,7 @@ def bench_export(detector: Any, pixels: torch.Tensor, path: Path, repeat: int = 
     images = normalize(pixels)
     ours = measure(lambda: detector.predict(images), cpu, repeat)
     theirs = measure(lambda: exported.predict(pixels.numpy()), cpu, repeat)
-    ref = ours.result[1].double().flatten(1)
-    err = float(((torch.from_numpy(theirs.result[1]).double().flatten(1) - ref).abs().amax(1)
-                 / ref.abs().amax(1).clamp_min(1e-12)).max())
+    err = max_relative_error(theirs.result[1], ours.result[1].cpu().numpy())
     n = len(pixels)
     side = pixels.shape[-1]
     return _row(f"{detector.name} predict", "onnxruntime", f"{n} images {side}px",

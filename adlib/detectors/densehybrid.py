@@ -45,7 +45,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from ..backbones import DEFAULT_BACKBONE, LITE_VARIANTS, FeatureExtractor, build_architecture, concat_stages, input_affine, trainable_prefix
+from ..backbones import (DEFAULT_BACKBONE, LITE_VARIANTS, FeatureExtractor, FineTunedBackbone, build_architecture,
+                         concat_stages, input_affine, torchvision_weights_cached, trainable_prefix)
 from ..data import denormalize, normalize
 from ..negatives import SHAPES, PhotoNegatives, paste_negatives
 from ..train import History, TrainConfig, train as train_loop
@@ -70,8 +71,7 @@ def _deeplab_weights():
 
 def deeplab_weights_cached() -> bool:
     """Whether torchvision's DeepLabV3-ResNet50 weights are in torch's hub cache (no download tried)."""
-    url = _deeplab_weights().url
-    return os.path.isfile(os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url)))
+    return torchvision_weights_cached(_deeplab_weights())
 
 
 def fetch_deeplab_weights() -> None:
@@ -149,12 +149,12 @@ class DenseHybridHead(nn.Module):
         return self.seg(x), self.outlier(x)[:, 0]
 
 
-class _Backbone(nn.Module):
-    """Images ``(B, 3, H, W)`` (ImageNet-normalized) -> features ``(B, C, H/8, W/8)`` at output stride 8."""
+class _Backbone(FineTunedBackbone):
+    """Images ``(B, 3, H, W)`` (ImageNet-normalized) -> features ``(B, C, H/8, W/8)`` at output stride 8:
+    DeepLabV3's ResNet-50 body, or an EfficientNet-Lite's stride 8 and 16 stages concatenated. With
+    ``trainable`` the (used) blocks train; the batch norms keep their pretrained statistics either way."""
 
     def __init__(self, name: str, trainable: bool):
-        super().__init__()
-        self.name = name
         if name == TORCHVISION_DEEPLAB:
             from torchvision.models.segmentation import deeplabv3_resnet50
 
@@ -164,36 +164,22 @@ class _Backbone(nn.Module):
                 raise ValueError(f"torchvision's DeepLabV3-ResNet50 weights are not in torch's cache and could not be "
                                  f"downloaded ({err}); call adlib.detectors.densehybrid.fetch_deeplab_weights() "
                                  f"where there is internet, or use backbone='{DEFAULT_BACKBONE}'") from err
-            self.net, self.channels = model.backbone, 2048
+            super().__init__(model.backbone, (8,), [model.backbone] if trainable else [])
+            self.channels = 2048
             self.__dict__["classifier"] = model.classifier    # the head's start, not part of the backbone
-            used = [self.net]
         else:
-            self.net = build_architecture(name, pretrained=True)
-            scale, shift = input_affine(name)
-            self.register_buffer("scale", scale)
-            self.register_buffer("shift", shift)
+            net = build_architecture(name, pretrained=True)
+            used = trainable_prefix(net, 16)                  # blocks past stride 16 are never run
+            super().__init__(net, (8, 16), used if trainable else [], affine=input_affine(name))
             self.channels = sum(self.net.stage_features(torch.zeros(1, 3, 32, 32), (8, 16))[s].shape[1] for s in (8, 16))
             self.__dict__["classifier"] = None
-            used = trainable_prefix(self.net, 16)          # blocks past stride 16 are never run
-        self.net.requires_grad_(False)
-        for module in used:
-            module.requires_grad_(trainable)
-        for module in self.net.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.requires_grad_(False)
+        self.name = name
         self.eval()
-
-    def train(self, mode: bool = True) -> "_Backbone":
-        super().train(mode)
-        for module in self.modules():          # batch norms keep their pretrained statistics
-            if isinstance(module, nn.BatchNorm2d):
-                module.eval()
-        return self
 
     def forward(self, images: Tensor) -> Tensor:
         if self.classifier is not None:
             return self.net(images)["out"]
-        feats = self.net.stage_features(images * self.scale + self.shift, (8, 16))
+        feats = super().forward(images)
         return concat_stages(feats, tuple(feats[8].shape[-2:]), mode="bilinear")
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..backbones import (DEFAULT_BACKBONE, EfficientNetLite, build_architecture, concat_stages,
-                         input_affine, resnet_stages, save_backbone, trainable_prefix)
+from ..backbones import (DEFAULT_BACKBONE, EfficientNetLite, FineTunedBackbone, concat_stages, save_backbone,
+                         stage_features_and_logits)
 from ..train import History, TrainConfig, train
 from .record import run_record
 
@@ -71,28 +70,6 @@ class CenteringRecipe:
             raise ValueError(f"a batch mean needs batch_size >= 2, got {self.batch_size}")
 
 
-def _lite_features_and_logits(model: EfficientNetLite, x: Tensor, strides: tuple[int, ...]
-                              ) -> tuple[dict[int, Tensor], Tensor]:
-    feats = model.stage_features(x, tuple(strides) + (32,))
-    top = feats.pop(32) if 32 not in strides else feats[32]
-    logits = model._fc(F.relu6(model._bn1(model._conv_head(top))).mean(dim=(2, 3)))
-    return feats, logits
-
-
-def _resnet_features_and_logits(model: nn.Module, x: Tensor, strides: tuple[int, ...]
-                                ) -> tuple[dict[int, Tensor], Tensor]:
-    feats = resnet_stages(model, x, tuple(strides) + (32,))
-    top = feats.pop(32) if 32 not in strides else feats[32]
-    return feats, model.fc(torch.flatten(model.avgpool(top), 1))
-
-
-def features_and_logits(model: nn.Module, x: Tensor, strides: tuple[int, ...]) -> tuple[dict[int, Tensor], Tensor]:
-    """One pass: stage features ``{stride: (B, C_s, h_s, w_s)}`` and ImageNet logits ``(B, 1000)``."""
-    if isinstance(model, EfficientNetLite):
-        return _lite_features_and_logits(model, x, strides)
-    return _resnet_features_and_logits(model, x, strides)
-
-
 class CenteringNet(nn.Module):
     """The network being fine-tuned (``student``) beside a frozen copy of the original (``teacher``).
 
@@ -105,35 +82,22 @@ class CenteringNet(nn.Module):
         super().__init__()
         self.architecture = architecture
         self.strides = tuple(sorted(strides))
-        self.student = build_architecture(architecture, pretrained=True)
-        self.teacher = copy.deepcopy(self.student).requires_grad_(False)
-        self.student.requires_grad_(False)
-        for module in trainable_prefix(self.student, max(self.strides)):
-            module.requires_grad_(True)
-        for module in self.student.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.requires_grad_(False)   # the ImageNet statistics and affine stay as they are
-        scale, shift = input_affine(architecture)
-        self.register_buffer("scale", scale)
-        self.register_buffer("shift", shift)
-        self.train()
+        self.student = FineTunedBackbone.for_architecture(architecture, self.strides)
+        self.teacher = copy.deepcopy(self.student.net).requires_grad_(False).eval()
 
     def train(self, mode: bool = True) -> "CenteringNet":
-        """Batch norms always in eval mode (ImageNet statistics); the teacher is never trained."""
+        """The student's batch norms stay in eval mode (ImageNet statistics); the teacher is never trained."""
         super().train(mode)
-        for module in self.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.eval()
         self.teacher.eval()
         return self
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        x = images * self.scale + self.shift
-        feats, logits = features_and_logits(self.student, x, self.strides)
+        x = self.student.net_input(images)
+        feats, logits = stage_features_and_logits(self.student.net, x, self.strides)
         grid = tuple(feats[min(self.strides)].shape[-2:])
         with torch.no_grad():
             teacher_logits = self.teacher(x) if isinstance(self.teacher, EfficientNetLite) else \
-                features_and_logits(self.teacher, x, self.strides)[1]
+                stage_features_and_logits(self.teacher, x, self.strides)[1]
         return concat_stages(feats, grid, mode="nearest"), logits, teacher_logits
 
 
@@ -212,7 +176,7 @@ class CenteringRun:
         goes into the recipe metadata (e.g. the category it was trained on)."""
         recipe = run_record("centering", self.recipe, self.history, self.train_images, self.seconds,
                             self.world_size, **extra)
-        return save_backbone(self.net.student, path, self.net.architecture, recipe)
+        return save_backbone(self.net.student.net, path, self.net.architecture, recipe)
 
 
 def pretrain_centering(images: Tensor, recipe: CenteringRecipe = CenteringRecipe(), *,
@@ -258,5 +222,5 @@ def pretrain_centering(images: Tensor, recipe: CenteringRecipe = CenteringRecipe
                          desc=f"centering (lambda={recipe.lambda_center:g}, {recipe.form})", progress=progress)
     fingerprint = {"recipe": dataclasses.asdict(recipe), "image_shape": list(images.shape[1:]), "data": data_name}
     history = train(net, loss_fn, images, config, fingerprint=fingerprint)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return CenteringRun(net.to("cpu").eval(), recipe, history, time.perf_counter() - start, len(images), world)
+    return CenteringRun(net.to("cpu").eval(), recipe, history, time.perf_counter() - start, len(images),
+                        history.world_size)

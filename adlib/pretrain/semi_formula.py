@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..backbones import DEFAULT_BACKBONE, build_architecture, input_affine, save_backbone, stage_features, trainable_prefix
+from ..backbones import (DEFAULT_BACKBONE, FineTunedBackbone, batch_norms, build_architecture, input_affine,
+                         save_backbone, trainable_prefix)
 from ..data import denormalize, normalize
 from ..kernels import gmm_blobs
 from ..settings import default_device
@@ -201,7 +202,7 @@ def _sync(device: torch.device) -> None:
 # The network and the losses
 # ---------------------------------------------------------------------------------------------
 
-class SemiFormulaNet(nn.Module):
+class SemiFormulaNet(FineTunedBackbone):
     """The backbone being pre-trained; ``forward(images)`` takes ImageNet-normalized ``(B, 3, H, W)``
     and returns ``{stride: (B, C_s, H/s, W/s)}`` for the recipe's strides.
 
@@ -211,33 +212,12 @@ class SemiFormulaNet(nn.Module):
 
     def __init__(self, architecture: str = DEFAULT_BACKBONE, strides: tuple[int, ...] = (4, 8, 16),
                  init: str = "imagenet"):
-        super().__init__()
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
-        self.architecture, self.strides, self.init = architecture, tuple(sorted(strides)), init
-        self.backbone = build_architecture(architecture, pretrained=init == "imagenet")
-        self.backbone.requires_grad_(False)
-        for module in trainable_prefix(self.backbone, max(self.strides)):
-            module.requires_grad_(True)
-        if init == "imagenet":
-            for module in self.backbone.modules():
-                if isinstance(module, nn.BatchNorm2d):
-                    module.requires_grad_(False)
-        scale, shift = input_affine(architecture)
-        self.register_buffer("scale", scale)
-        self.register_buffer("shift", shift)
-        self.train()
-
-    def train(self, mode: bool = True) -> "SemiFormulaNet":
-        super().train(mode)
-        if self.init == "imagenet":
-            for module in self.modules():
-                if isinstance(module, nn.BatchNorm2d):
-                    module.eval()
-        return self
-
-    def forward(self, images: Tensor) -> dict[int, Tensor]:
-        return stage_features(self.backbone, images * self.scale + self.shift, self.strides)
+        net = build_architecture(architecture, pretrained=init == "imagenet")
+        super().__init__(net, strides, trainable_prefix(net, max(strides)), freeze_batchnorm=init == "imagenet",
+                         affine=input_affine(architecture))
+        self.architecture, self.init = architecture, init
 
 
 def patch_changes(normal: Tensor, anomalous: Tensor, eps: float = 1e-6) -> Tensor:
@@ -327,9 +307,8 @@ def probe(net: SemiFormulaNet, stream: SemiFormulaStream, batches: int = 8, firs
     net.to(stream.device).eval()
     if batch_norm == "batch":
         net = copy.deepcopy(net)
-        for module in net.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.train()
+        for norm in batch_norms(net):
+            norm.train()
     rows: dict[str, list[Tensor]] = {k: [] for k in ("score", "peak", "d_blob", "d_far", "total")}
     for g in range(first_batch, first_batch + batches):
         batch = stream.samples(g)
@@ -383,7 +362,7 @@ class SemiFormulaRun:
         """Write the pre-trained backbone as a backbone file; returns its SHA-256."""
         recipe = run_record("semi_formula", self.recipe, self.history, self.train_images, self.seconds,
                             self.world_size, **extra)
-        return save_backbone(self.net.backbone, path, self.net.architecture, recipe)
+        return save_backbone(self.net.net, path, self.net.architecture, recipe)
 
 
 def pretrain_semi_formula(images: Tensor, recipe: SemiFormulaRecipe = SemiFormulaRecipe(), *,
@@ -423,4 +402,5 @@ def pretrain_semi_formula(images: Tensor, recipe: SemiFormulaRecipe = SemiFormul
     fingerprint = {"recipe": dataclasses.asdict(recipe), "image_shape": list(images.shape[1:]), "data": data_name,
                    "normal_images": len(images), "images_sha256": _content_hash(images)}
     history = train(net, loss_fn, stream, config, fingerprint=fingerprint)
-    return SemiFormulaRun(net.to("cpu").eval(), recipe, history, time.perf_counter() - start, len(images), world, rate)
+    return SemiFormulaRun(net.to("cpu").eval(), recipe, history, time.perf_counter() - start, len(images),
+                          history.world_size, rate)
