@@ -37,23 +37,19 @@ from .detectors import DETECTORS, get_detector
 from .elpv import ELPV_CATEGORIES, is_elpv
 from . import metrics
 from .evaluate import PeakMemory, evaluate, format_table, return_free_memory, rss_mb
-from .pretrain import CenteringRecipe, SemiFormulaRecipe, pretrain_centering, pretrain_semi_formula
+from .pretrain import RECIPES
 from .settings import default_device
 
 __all__ = ["METHODS", "RECIPES", "CompareConfig", "method_options", "check_data", "compare", "run_one", "summarize",
            "write_results", "summary_markdown", "load_data", "plot_accuracy_vs_time", "threshold_study", "SUMMARY_METRICS"]
 
-RECIPES: dict[str, tuple[type, Callable[..., Any]]] = {
-    "centering": (CenteringRecipe, pretrain_centering),
-    "semi_formula": (SemiFormulaRecipe, pretrain_semi_formula),
-}
 METHODS = ("pixel_stats", "autoencoder", "dfr", "patchcore", "padim", "centering", "semi_formula", "densehybrid")
 SUMMARY_METRICS = ("image_auroc", "pixel_auroc", "aupro", "f1_max", "fpr95", "fit_s", "ms_per_image", "mem_mb")
 
 
 def _option_fields(method: str) -> dict[str, dataclasses.Field]:
     if method in RECIPES:
-        return {f.name: f for f in dataclasses.fields(RECIPES[method][0]) if f.init}
+        return {f.name: f for f in RECIPES[method].fields()}
     if method not in DETECTORS:
         raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
     return {f.name: f for f in dataclasses.fields(DETECTORS[method]) if f.init and f.name != "device"}
@@ -126,10 +122,10 @@ def check_data(name: str, root: str | Path | None = None) -> None:
 def _pretrain(method: str, train: MVTecDataset, options: dict[str, Any], seed: int, device: torch.device,
               folder: Path, progress: bool) -> tuple[str, float]:
     """Fine-tune the default backbone with ``method``'s recipe; returns (backbone file, seconds)."""
-    recipe_cls, run_recipe = RECIPES[method]
-    recipe = recipe_cls(**{**options, "seed": seed})
+    entry = RECIPES[method]
+    recipe = entry.make(**{**options, "seed": seed})
     start = time.perf_counter()
-    run = run_recipe(load_split(train)[0], recipe, device=device, progress=progress)
+    run = entry.pretrain(load_split(train)[0], recipe, device=device, progress=progress)
     path = folder / f"{method}_{train.category}_seed{seed}.safetensors"
     run.save(path, category=train.category, image_size=train.image_size)
     return str(path), time.perf_counter() - start
@@ -265,12 +261,15 @@ def plot_accuracy_vs_time(summary: list[dict[str, Any]], data: str, metric: str 
     score 100 images (log scale), one point per method, for the data set ``data``."""
     import matplotlib.pyplot as plt
 
+    from .viz import label_points
+
     ax = ax or plt.subplots(figsize=(6, 4))[1]
-    for row in (r for r in summary if r["data"] == data):
-        cost = row["fit_s"] + 0.1 * row["ms_per_image"]
+    rows = [r for r in summary if r["data"] == data]
+    costs = [r["fit_s"] + 0.1 * r["ms_per_image"] for r in rows]
+    for row, cost in zip(rows, costs):
         ax.errorbar(cost, row[metric], yerr=row[f"{metric}_std"], fmt="o", capsize=3)
-        ax.annotate(row["method"], (cost, row[metric]), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.set_xscale("log")
+    label_points(ax, costs, [r[metric] for r in rows], [r["method"] for r in rows])
     ax.set_xlabel("fit time + time to score 100 images (s, log scale)")
     ax.set_ylabel(metric.replace("_", " "))
     ax.set_title(data)

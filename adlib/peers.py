@@ -16,6 +16,7 @@ detectors. :func:`compare_methods` runs both pairs on one category; ``python -m 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,22 +98,46 @@ def local_timm_weights(backbone: str = DEFAULT_BACKBONE, cache_dir: str | os.Pat
         timm.create_model = original
 
 
+@dataclass(eq=False)
 class _AnomalibDetector(Detector):
-    """Shared part of the anomalib wrappers: the device and the inference call."""
+    """Shared part of the anomalib wrappers: the backbone, seed and device, the fit loop and the inference call."""
 
-    model: Any
+    backbone: str = DEFAULT_BACKBONE
+    seed: int = 0
+    device: str | None = None
 
     def __post_init__(self) -> None:
         self.device_ = default_device(self.device)
         self.model = None
 
-    def _build(self) -> Any:  # pragma: no cover - interface
+    anomalib_model = ""   # "module:Class" of the anomalib torch model; subclasses also give `layers`
+
+    def _options(self) -> dict[str, Any]:  # pragma: no cover - interface
+        """The model's own keyword arguments besides backbone and layers."""
         raise NotImplementedError
+
+    def _build(self) -> Any:
+        module, cls_name = self.anomalib_model.split(":")
+        model_class = getattr(importlib.import_module(module), cls_name)
+        return model_class(backbone=timm_name(self.backbone), layers=list(self.layers), pre_trained=True,
+                           **self._options())
 
     def _new_model(self) -> Any:
         with local_timm_weights(self.backbone):
             torch.manual_seed(self.seed)  # anomalib draws PaDiM's channels and the coreset start from it
             return self._build().to(self.device_)
+
+    def _fit(self, train: Iterable[Tensor]) -> None:
+        """anomalib's training step: in train mode its models store each batch's embeddings, then
+        :meth:`_finish_fit` turns them into the fitted model."""
+        self.model = self._new_model()
+        self.model.train()
+        for batch in tqdm(train, desc=f"{self.name} features", leave=False):
+            self.model(batch.to(self.device_))
+        self._finish_fit()
+
+    def _finish_fit(self) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
 
     def _predict(self, images: Tensor) -> tuple[Tensor, Tensor]:
         if self.model is None:
@@ -132,25 +157,16 @@ class _AnomalibDetector(Detector):
 class AnomalibPatchCore(_AnomalibDetector):
     """anomalib's ``PatchcoreModel``: stages blocks.2 + blocks.4 (strides 8, 16), 10% coreset."""
 
-    backbone: str = DEFAULT_BACKBONE
     layers: tuple[str, ...] = ("blocks.2", "blocks.4")
     coreset_ratio: float = 0.1
     num_neighbors: int = 9
-    seed: int = 0
-    device: str | None = None
     name = "anomalib_patchcore"
+    anomalib_model = "anomalib.models.image.patchcore.torch_model:PatchcoreModel"
 
-    def _build(self) -> Any:
-        from anomalib.models.image.patchcore.torch_model import PatchcoreModel
+    def _options(self) -> dict[str, Any]:
+        return {"num_neighbors": self.num_neighbors}
 
-        return PatchcoreModel(layers=list(self.layers), backbone=timm_name(self.backbone), pre_trained=True,
-                              num_neighbors=self.num_neighbors)
-
-    def _fit(self, train: Iterable[Tensor]) -> None:
-        self.model = self._new_model()
-        self.model.train()
-        for batch in tqdm(train, desc="anomalib patchcore features", leave=False):
-            self.model(batch.to(self.device_))
+    def _finish_fit(self) -> None:
         self.model.subsample_embedding(self.coreset_ratio)  # anomalib's KCenterGreedy
 
 
@@ -158,24 +174,15 @@ class AnomalibPatchCore(_AnomalibDetector):
 class AnomalibPaDiM(_AnomalibDetector):
     """anomalib's ``PadimModel``: stages blocks.1, 2, 4 (strides 4, 8, 16), d = 100 random channels."""
 
-    backbone: str = DEFAULT_BACKBONE
     layers: tuple[str, ...] = ("blocks.1", "blocks.2", "blocks.4")
     n_features: int = 100
-    seed: int = 0
-    device: str | None = None
     name = "anomalib_padim"
+    anomalib_model = "anomalib.models.image.padim.torch_model:PadimModel"
 
-    def _build(self) -> Any:
-        from anomalib.models.image.padim.torch_model import PadimModel
+    def _options(self) -> dict[str, Any]:
+        return {"n_features": self.n_features}
 
-        return PadimModel(backbone=timm_name(self.backbone), layers=list(self.layers), pre_trained=True,
-                          n_features=self.n_features)
-
-    def _fit(self, train: Iterable[Tensor]) -> None:
-        self.model = self._new_model()
-        self.model.train()
-        for batch in tqdm(train, desc="anomalib padim features", leave=False):
-            self.model(batch.to(self.device_))
+    def _finish_fit(self) -> None:
         self.model.fit()  # anomalib's MultiVariateGaussian over all stored embeddings
 
 

@@ -146,6 +146,10 @@ def test_preprocessing_and_threshold_survive_save(synthetic_root, tmp_path):
     tensors_fitted = get_detector("pixel_stats", device="cpu").fit(load_split(train)[0])
     with pytest.raises(ValueError, match="fitted on tensors"):
         tensors_fitted.predict_files([train.entries[0].image])
+    explicit = get_detector("pixel_stats", device="cpu").fit(load_split(train)[0], preprocessing=train.preprocessing)
+    scores, _ = explicit.predict_files([train.entries[0].image])     # tensors + the preprocessing given: files work
+    assert explicit.preprocessing == train.preprocessing
+    assert torch.allclose(scores, explicit.predict(load_split(train)[0][:1])[0])
 
 
 def _fit_predict(name: str, train: MVTecDataset, images: torch.Tensor, detector=None):

@@ -127,17 +127,20 @@ class Detector:
     preprocessing: "Preprocessing | None" = None
     threshold: float | None = None
 
-    def fit(self: D, train: Iterable[Tensor] | Tensor) -> D:
+    def fit(self: D, train: Iterable[Tensor] | Tensor, preprocessing: "Preprocessing | None" = None) -> D:
         """Learn from normal images only: ``train`` yields batches ``(B, 3, H, W)`` (or is one
-        ``(N, 3, H, W)`` tensor). Refitting forgets everything learnt before. Returns self."""
+        ``(N, 3, H, W)`` tensor). Refitting forgets everything learnt before. Returns self.
+
+        ``preprocessing`` says how files became these images; it is saved, and ``predict_files`` and the
+        CLI read files with it. Without it, a ``train`` that carries its own ``preprocessing`` attribute
+        (:func:`adlib.data.train_batches` does) gives it; a plain tensor or list gives none."""
         checked = CheckedBatches(train)
         self.threshold = None   # a method that calibrates one sets it again in _fit
         self._fit(checked)
         if checked.size is None:
             raise ValueError("no training images")
         self.input_size = checked.size
-        dataset = getattr(train, "dataset", None)
-        self.preprocessing = getattr(dataset, "preprocessing", None)
+        self.preprocessing = preprocessing if preprocessing is not None else getattr(train, "preprocessing", None)
         return self
 
     @torch.no_grad()
@@ -265,6 +268,15 @@ class FeatureDetector(Detector):
             _check_backbone_hash(self.backbone, extractor.sha256, self._expected_backbone_sha256)
             self._extractor = extractor
         return self._extractor
+
+    def embed(self, images: Tensor) -> Tensor:
+        """ImageNet-normalized ``(B, 3, H, W)`` -> the method's feature map ``(B, D, h, w)`` (each method's
+        ``_embed`` says which features and grid), after checking the input once."""
+        check_images(images)
+        return self._embed(images)
+
+    def _embed(self, images: Tensor) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
 
     def file_metadata(self) -> dict[str, str]:
         """A fine-tuned backbone file is recorded by its SHA-256, so a load can refuse another file."""

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from ..backbones import DEFAULT_BACKBONE
 from ..train import History, TrainConfig, train as train_loop
-from .base import FeatureDetector, check_images, register, upsample_and_smooth
+from .base import FeatureDetector, register, upsample_and_smooth
 
 
 def regional_features(features: dict[int, Tensor], grid: tuple[int, int]) -> Tensor:
@@ -116,12 +116,8 @@ class DFR(FeatureDetector):
     history: list[float] = field(default_factory=list, init=False, repr=False)        # loss per epoch
     train_history: History | None = field(default=None, init=False, repr=False)   # per step too
 
-    def embed(self, images: Tensor) -> Tensor:
-        """``(B, 3, H, W)`` -> standardized regional features ``(B, C, H / grid_stride, W / grid_stride)``."""
-        check_images(images)
-        return self._embed(images)
-
     def _embed(self, images: Tensor) -> Tensor:
+        """``(B, 3, H, W)`` -> standardized regional features ``(B, C, H / grid_stride, W / grid_stride)``."""
         feats = self.extractor(images)
         grid = (-(-images.shape[-2] // self.grid_stride), -(-images.shape[-1] // self.grid_stride))
         emb = regional_features(feats, grid)

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from ..backbones import DEFAULT_BACKBONE, concat_stages
 from ..kernels import GaussianAccumulator, mahalanobis
-from .base import FeatureDetector, check_images, register, upsample_and_smooth
+from .base import FeatureDetector, register, upsample_and_smooth
 
 
 @register("padim")
@@ -45,12 +45,8 @@ class PaDiM(FeatureDetector):
         generator = torch.Generator().manual_seed(self.seed)
         return torch.randperm(total, generator=generator)[: self.n_features].sort().values
 
-    def embed(self, images: Tensor) -> Tensor:
-        """``(B, 3, H, W)`` -> ``(B, d, h, w)`` on the finest stride's grid, the chosen channels only."""
-        check_images(images)
-        return self._embed(images)
-
     def _embed(self, images: Tensor) -> Tensor:
+        """``(B, 3, H, W)`` -> ``(B, d, h, w)`` on the finest stride's grid, the chosen channels only."""
         feats = self.extractor(images)
         grid = tuple(feats[min(self.strides)].shape[-2:])
         emb = concat_stages(feats, grid, mode="nearest")

@@ -24,7 +24,7 @@ from ..backbones import DEFAULT_BACKBONE, concat_stages
 from ..kernels import CoresetStream, knn
 from ..kernels.chunked_coreset import SCHEMES
 from ..settings import memory_budget_mb
-from .base import FeatureDetector, check_images, register, upsample_and_smooth
+from .base import FeatureDetector, register, upsample_and_smooth
 
 
 @register("patchcore")
@@ -64,12 +64,8 @@ class PatchCore(FeatureDetector):
             raise ValueError(f"memory_mb must be a positive number of MB (or None for ADLIB_MEMORY_MB), "
                              f"got {self.memory_mb!r}")
 
-    def embed(self, images: Tensor) -> Tensor:
-        """``(B, 3, H, W)`` -> patch features ``(B, D, h, w)`` on the finest stride's grid."""
-        check_images(images)
-        return self._embed(images)
-
     def _embed(self, images: Tensor) -> Tensor:
+        """``(B, 3, H, W)`` -> locally aggregated patch features ``(B, D, h, w)`` on the finest stride's grid."""
         feats = self.extractor(images)
         grid = tuple(feats[min(self.strides)].shape[-2:])
         return concat_stages(feats, grid, mode="bilinear", aggregate=self.patch_size)
