@@ -14,7 +14,7 @@ from torch import Tensor
 from . import metrics
 from .data import denormalize
 
-__all__ = ["use_style", "show_image", "overlay", "heatmap_rgb", "plot_roc", "plot_score_histogram",
+__all__ = ["label_points", "use_style", "show_image", "overlay", "heatmap_rgb", "plot_roc", "plot_score_histogram",
            "plot_pixel_score_histogram", "example_grid",
            "failure_grid", "NORMAL_COLOR", "ANOMALY_COLOR"]
 
@@ -199,3 +199,38 @@ def failure_grid(evaluation: Any, images: Tensor, k: int = 3, size: float = 2.4)
                        ncols=k, size=size, vmin=vmin, vmax=vmax)
     fig.suptitle("rows: top-scoring defects / highest-scoring normals / lowest-scoring defects", y=1.02)
     return fig
+
+
+# Offsets (points) tried in turn for a point's label: right of it above, below, left above, below, then further out.
+_LABEL_OFFSETS = [(dx, dy) for dy in (4, -11, 15, -22, 26, -33, 37, -44) for dx in (5, -5)]
+
+
+def label_points(ax: plt.Axes, xs: Any, ys: Any, labels: list[str], fontsize: float = 8.0,
+                 pad: float = 1.5) -> list[Any]:
+    """Write ``labels[i]`` beside the point ``(xs[i], ys[i])`` (data coordinates) so that no two labels
+    overlap each other or a point: each label takes the first offset in ``_LABEL_OFFSETS`` whose box
+    (``pad`` pixels around the text) meets no point and no label placed before it; the points are labelled from the top down. Call it after
+    the points are drawn and the scales set. Returns the annotations, in the order of ``labels``."""
+    from matplotlib.transforms import Bbox
+
+    ax.autoscale_view()
+    renderer = ax.figure.canvas.get_renderer()
+    centres = ax.transData.transform(np.column_stack([np.asarray(xs, float), np.asarray(ys, float)]))
+    marker = 4.0 * ax.figure.dpi / 72          # about a marker's radius, in pixels
+    placed: list[Any] = [Bbox.from_extents(x - marker, y - marker, x + marker, y + marker) for x, y in centres]
+    annotations: dict[int, Any] = {}
+    for i in sorted(range(len(labels)), key=lambda k: -float(ys[k])):
+        for dx, dy in _LABEL_OFFSETS:
+            note = ax.annotate(labels[i], (xs[i], ys[i]), textcoords="offset points", xytext=(dx, dy),
+                               fontsize=fontsize, ha="left" if dx > 0 else "right")
+            box = note.get_window_extent(renderer).padded(pad)
+            if not any(box.overlaps(other) for other in placed):
+                break
+            note.remove()
+        else:   # every offset is taken: keep the first one, overlapping
+            note = ax.annotate(labels[i], (xs[i], ys[i]), textcoords="offset points", xytext=_LABEL_OFFSETS[0],
+                               fontsize=fontsize, ha="left")
+            box = note.get_window_extent(renderer).padded(pad)
+        placed.append(box)
+        annotations[i] = note
+    return [annotations[i] for i in range(len(labels))]

@@ -6,6 +6,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
@@ -44,6 +45,17 @@ def test_overlay_leaves_values_below_vmin_transparent():
 def test_roc_legend_reports_auroc():
     fig = viz.plot_roc({"perfect": ([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1])})
     assert "AUROC 1.000" in fig.axes[0].get_legend().get_texts()[0].get_text()
+    # hand-worked: normals 0.1, 0.4; anomalies 0.35, 0.8: 3 of 4 pairs ordered, the curve's steps
+    # (0, 0) -> (0, 0.5) -> (0.5, 0.5) -> (0.5, 1) -> (1, 1)
+    fig = viz.plot_roc({"perfect": ([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1]),
+                        "three of four": ([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1])})
+    texts = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert texts == ["perfect (AUROC 1.000)", "three of four (AUROC 0.750)"]
+    fpr, tpr = (np.asarray(v, dtype=float) for v in fig.axes[0].lines[1].get_data())
+    assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0.0, 0.0, 1.0, 1.0)
+    assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)
+    assert {(0.0, 0.5), (0.5, 0.5), (0.5, 1.0)} <= set(zip(fpr.tolist(), tpr.tolist()))
+    assert float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2)) == 0.75       # the area under the drawn line
 
 
 def test_failure_grid_colour_scale_works_for_mean_scores():
@@ -54,3 +66,24 @@ def test_failure_grid_colour_scale_works_for_mean_scores():
     fig.canvas.draw()  # the colour normalization is checked when drawing
     vmin, vmax = fig.axes[0].images[-1].get_clim()
     assert vmin < vmax and vmax == 2 * float(ev.maps[ev.labels == 0].max())
+
+
+def test_label_points_keeps_crowded_labels_apart():
+    """Five methods at almost the same cost and accuracy (bottle's ceiling): their labels must not overlap."""
+    from adlib.viz import label_points
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    xs, ys = [10.0, 10.5, 11.0, 10.2, 300.0], [0.999, 1.0, 0.998, 0.9995, 0.80]
+    names = ["padim", "patchcore", "centering", "semi_formula", "autoencoder"]
+    ax.plot(xs, ys, "o")
+    ax.set_xscale("log")
+    notes = label_points(ax, xs, ys, names)
+    renderer = fig.canvas.get_renderer()
+    boxes = [n.get_window_extent(renderer) for n in notes]
+    assert [n.get_text() for n in notes] == names
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    crowded_naive = [ax.annotate(t, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+                     for t, x, y in zip(names, xs, ys)]       # the old fixed offset: these do overlap
+    naive = [n.get_window_extent(renderer) for n in crowded_naive[:4]]
+    assert any(a.overlaps(b) for i, a in enumerate(naive) for b in naive[i + 1:])
+    plt.close(fig)
