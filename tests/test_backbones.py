@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from adlib.backbones import FeatureExtractor, WeightsUnavailableError, fold_batchnorm, imagenet_categories, load_efficientnet_lite
-from adlib.data import IMAGENET_MEAN, IMAGENET_STD
+from adlib.data import normalize
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +20,7 @@ def lite0() -> FeatureExtractor:
 
 def _imagenet_batch(photo) -> torch.Tensor:
     x = torch.from_numpy(photo).permute(2, 0, 1).float()[None] / 255
-    x = F.interpolate(x, size=(224, 224), mode="bilinear", antialias=True, align_corners=False)
-    return (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return normalize(F.interpolate(x, size=(224, 224), mode="bilinear", antialias=True, align_corners=False))
 
 
 def _top5(model: FeatureExtractor, photo) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import types
 
 import pytest
 import torch
@@ -35,12 +36,19 @@ def test_stream_row_prints_the_ratio_of_stream_to_training_rate(tmp_path, capsys
 
 
 def test_blob_stream_rate_counts_whole_batches(monkeypatch):
-    calls = []
+    calls, clock = [], [100.0]
     real = kernels.gmm_blobs
-    monkeypatch.setattr(kernels, "gmm_blobs", lambda images, **kw: calls.append(len(images)) or real(images, **kw))
+
+    def blobs_taking_half_a_second(images, **kw):               # a clock that moves only while blobs are made
+        calls.append(len(images))
+        clock[0] += 0.5
+        return real(images, **kw)
+
+    monkeypatch.setattr(kernels, "gmm_blobs", blobs_taking_half_a_second)
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
     rate = bench.blob_stream_rate(3, 16, torch.device("cpu"), seconds=0.0)
     assert calls == [3, 3, 3]                                    # warm-up + at least two streamed batches
-    assert rate > 0
+    assert rate == 6 / 1.0 * 60                                  # 6 images in the 1 s after the warm-up, a minute
 
 
 def test_naive_gaussian_peer_agrees_with_adlib():

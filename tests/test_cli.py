@@ -128,6 +128,10 @@ def test_missing_masks_option_that_the_error_suggests(synthetic_root, tmp_path):
     assert refused.returncode == 2 and "--missing-masks skip" in refused.stderr
     skipped = adlib(*base, "--missing-masks", "skip", "--json", str(tmp_path / "m.json"))
     assert skipped.returncode == 0, skipped.stderr
+    defects = sum(1 for f in (root / "synthetic" / "test").rglob("*.png") if f.parent.name != "good")
+    goods = sum(1 for _ in (root / "synthetic" / "test" / "good").glob("*.png"))
+    result = json.loads((tmp_path / "m.json").read_text())
+    assert result["n_test"] == goods + defects - 1            # exactly the image without its mask is left out
 
 
 def test_fit_keeps_a_method_s_own_threshold_rule_and_says_which_rule_it_used(folders, tmp_path, capsys):

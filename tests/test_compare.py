@@ -9,8 +9,12 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
-from adlib.compare import CompareConfig, compare, method_options, summarize, write_results
+from adlib import evaluate, get_detector
+from adlib.compare import CompareConfig, compare, load_data, method_options, summarize, write_results
+
+METRICS = ("image_auroc", "pixel_auroc", "aupro", "f1_max", "fpr95", "ap", "n_train", "n_test")
 
 
 def test_summarize_is_the_mean_and_sample_std_over_seeds_and_skips_nan():
@@ -49,6 +53,7 @@ def test_compare_runs_each_seeded_method_per_seed_and_writes_tables(synthetic_ro
     assert seen == rows
     for row in rows:
         assert 0.0 <= row["image_auroc"] <= 1.0 and 0.0 <= row["pixel_auroc"] <= 1.0
+        assert row["image_auroc"] >= 0.9 and row["pixel_auroc"] >= 0.9, row    # the synthetic spots are found
         assert row["n_train"] == 12 and row["n_test"] == 12
         assert row["peak_mem_mb"] >= row["mem_mb"] and row["ms_per_image"] > 0
     centering = [r for r in rows if r["method"] == "centering"]
@@ -57,6 +62,12 @@ def test_compare_runs_each_seeded_method_per_seed_and_writes_tables(synthetic_ro
     # the seed reaches PaDiM's random channels: two seeds, two different maps, so different scores
     padim = [r for r in rows if r["method"] == "padim"]
     assert padim[0]["pixel_auroc"] != padim[1]["pixel_auroc"]
+    # a row's metrics are adlib.evaluate's on the data the config describes (limits and size applied)
+    train, test = load_data("synthetic", config, synthetic_root)
+    assert (len(train), len(test), train.image_size) == (12, 12, 64)
+    reference = evaluate(get_detector("pixel_stats", device="cpu"), test, train, batch_size=config.batch_size,
+                         progress=False).metrics
+    assert {k: rows[0][k] for k in METRICS} == {k: reference[k] for k in METRICS}
     paths = write_results(rows, tmp_path / "out")
     with paths["runs"].open() as f:
         assert len(list(csv.DictReader(f))) == 5
@@ -74,6 +85,13 @@ def test_cli_compare_writes_the_table(synthetic_root, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "| synthetic | pixel_stats | 1 |" in done.stdout
     assert (tmp_path / "cmp" / "compare.csv").is_file()
+    with (tmp_path / "cmp" / "compare.csv").open() as f:
+        (row,) = list(csv.DictReader(f))
+    # --test-limit 3 takes 3 images of each of the 3 test folders (good, scratch, spot); all 24 normals fit
+    assert (row["data"], row["method"], row["seeds"], row["n_train"], row["n_test"]) == \
+        ("synthetic", "pixel_stats", "1", "24", "9")
+    assert float(row["image_auroc"]) >= 0.9 and float(row["pixel_auroc"]) >= 0.9, row
+    assert f"| {float(row['image_auroc']):.3f} | {float(row['pixel_auroc']):.3f} |" in done.stdout   # the same run
 
 
 @pytest.mark.parametrize("args, message", [
@@ -90,14 +108,34 @@ def test_cli_compare_bad_input_is_one_line(synthetic_root, tmp_path, args, messa
     assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
-def test_threshold_study_calibrates_on_held_out_normals_only(synthetic_root):
-    from adlib.data import MVTecDataset
+def test_threshold_study_calibrates_on_held_out_normals_only(synthetic_root, monkeypatch):
+    import adlib.compare as compare_module
     from adlib.compare import threshold_study
+    from adlib.data import MVTecDataset, holdout_split, load_split
 
     train = MVTecDataset(synthetic_root, "synthetic", "train", image_size=64)
     test = MVTecDataset(synthetic_root, "synthetic", "test", image_size=64)
+    built = []
+    real_get_detector = compare_module.get_detector
+    monkeypatch.setattr(compare_module, "get_detector", lambda *a, **kw: built.append(real_get_detector(*a, **kw))
+                        or built[-1])
     row = threshold_study("padim", train, test, holdout=0.25, seed=1)
     assert (row["n_fit"], row["n_held"]) == (18, 6)
+    # against a float64 reference from the fitted detector: mean + 3 sample std of the 6 held-out normals'
+    # scores, and the rates and best F1 counted by plain loops over the test scores
+    (detector,) = built
+    _, held_index = holdout_split(24, 0.25, 1)
+    held_scores = detector.predict(load_split(train)[0][held_index])[0].double().numpy()
+    assert row["calibrated_threshold"] == pytest.approx(held_scores.mean() + 3 * held_scores.std(ddof=1), rel=1e-9)
+    test_images, _, labels = load_split(test)
+    scores = torch.cat([detector.predict(b)[0] for b in test_images.split(16)]).double().numpy()   # its batches
+    labels = labels.numpy().astype(bool)
+    for name in ("calibrated", "oracle"):
+        flagged = scores >= row[f"{name}_threshold"]
+        assert row[f"{name}_recall"] == (flagged & labels).sum() / labels.sum()
+        assert row[f"{name}_false_alarm_rate"] == (flagged & ~labels).sum() / (~labels).sum()
+    best_f1 = max(2 * np.sum((scores >= t) & labels) / (np.sum(scores >= t) + labels.sum()) for t in scores)
+    assert row["oracle_f1"] == pytest.approx(best_f1, abs=1e-12)
     # another test set (other labels, other images) moves the oracle, never the calibrated threshold
     fewer = MVTecDataset(synthetic_root, "synthetic", "test", image_size=64, limit=2)
     other = threshold_study("padim", train, fewer, holdout=0.25, seed=1)

@@ -18,7 +18,7 @@ pytest.importorskip("onnxruntime")
 import onnx  # noqa: E402
 
 from adlib.data import MVTecDataset, Preprocessing, normalize, train_batches  # noqa: E402
-from adlib.deploy import ExportedDetector, ModelFileError  # noqa: E402
+from adlib.deploy import ExportedDetector, ModelFileError, max_relative_error  # noqa: E402
 from adlib.detectors import get_detector  # noqa: E402
 from adlib.export import EXPORTABLE, ExportError, export_onnx  # noqa: E402
 
@@ -29,11 +29,13 @@ HYPER = {"padim": {}, "patchcore": {}, "dfr": {"epochs": 2}, "autoencoder": {"ep
          "densehybrid": {"epochs": 1, "variants": 1}}
 
 
-def relative_error(actual: np.ndarray, reference: np.ndarray) -> float:
-    """Largest difference relative to each row's (image's) largest magnitude."""
-    ref = reference.reshape(len(reference), -1)
-    diff = np.abs(actual.reshape(len(actual), -1) - ref).max(1)
-    return float((diff / np.maximum(np.abs(ref).max(1), 1e-12)).max())
+def test_max_relative_error_is_per_image_and_refuses_mismatched_shapes():
+    reference = np.array([[[10.0, -20.0]], [[1.0, 0.5]]])          # image scales 20 and 1
+    actual = reference + np.array([[[0.0, 2.0]], [[0.25, 0.0]]])    # 2 / 20 = 0.1, 0.25 / 1 = 0.25
+    assert max_relative_error(actual, reference) == pytest.approx(0.25, rel=1e-12)
+    assert max_relative_error(np.array([1.0, 4.0]), np.array([2.0, 4.0])) == pytest.approx(0.5)   # scores: own scale
+    with pytest.raises(ValueError, match="one shape"):
+        max_relative_error(actual[:1], reference)
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +60,8 @@ def test_onnxruntime_matches_adlib_on_the_bottle_test_set(method, bottle, tmp_pa
     scores, maps = exported.predict_files(test_files, batch_size=16)
     ref_scores, ref_maps = detector.predict_files(test_files, batch_size=16)
     assert scores.shape == (len(test_files),) and maps.shape == (len(test_files), SIZE, SIZE)
-    assert relative_error(scores[:, None], ref_scores.numpy()[:, None]) < RTOL
-    assert relative_error(maps, ref_maps.numpy()) < RTOL
+    assert max_relative_error(scores, ref_scores.numpy()) < RTOL
+    assert max_relative_error(maps, ref_maps.numpy()) < RTOL
     assert np.unique(np.round(scores, 4)).size > len(test_files) // 2     # real, varied scores, not a constant
 
 
@@ -72,7 +74,7 @@ def test_patchcore_reweighted_score_matches_too(bottle, tmp_path):
     reference, _ = detector.predict_files(test_files[:24])
     plain, _ = get_detector("patchcore").fit(train_batches(train, 8)).predict_files(test_files[:24])
     assert not torch.allclose(reference, plain)                 # the re-weighting changes the scores ...
-    assert relative_error(scores[:, None], reference.numpy()[:, None]) < RTOL   # ... and the graph has it
+    assert max_relative_error(scores, reference.numpy()) < RTOL   # ... and the graph has it
 
 
 @pytest.mark.slow

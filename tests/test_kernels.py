@@ -70,8 +70,11 @@ def test_knn_real_features(real_root):
 def test_knn_float64_and_bad_input():
     g = torch.Generator().manual_seed(2)
     q, b = torch.rand(20, 8, generator=g, dtype=torch.float64), torch.rand(50, 8, generator=g, dtype=torch.float64)
-    dist, _ = knn(q, b, k=2)
+    dist, idx = knn(q, b, k=2)
     assert dist.dtype == torch.float64
+    ref_d, ref_i = _brute_knn(q, b, 2)                       # float64 all the way: to float64's rounding
+    np.testing.assert_allclose(dist.numpy(), ref_d.numpy(), rtol=1e-12, atol=0)
+    assert torch.equal(idx, ref_i)
     with pytest.raises(ValueError, match="features"):
         knn(torch.rand(3, 4), torch.rand(5, 6))
     with pytest.raises(ValueError, match="k must be"):
@@ -315,12 +318,25 @@ def test_many_channels_lapack_path_matches_float64(monkeypatch):
 
 
 def test_singular_covariance_gets_jitter_not_nan():
-    train = torch.randn(3, 10, 2, 2)    # 3 samples, 10 channels: rank-deficient covariance
+    g = torch.Generator().manual_seed(11)
+    train = torch.randn(3, 10, 2, 2, generator=g)    # 3 samples, 10 channels: rank-deficient covariance
+    test = torch.randn(2, 10, 2, 2, generator=g)
     acc = GaussianAccumulator()
     acc.update(train)
     gauss = acc.finalize(eps=0.0)       # no regularization: jitter must rescue it
-    d = gauss.mahalanobis(torch.randn(2, 10, 2, 2))
+    d = gauss.mahalanobis(test)
     assert torch.isfinite(d).all()
+    # each factor is that of covariance + jitter I, the jitter one of the tenfold steps from 1e-6 (float64
+    # reference), and the distances are the float64 ones with that jitter
+    x = train.flatten(2).double().numpy()
+    for p in range(4):
+        cov = np.cov(x[:, :, p], rowvar=False)
+        factor = gauss.chol[p].double().numpy()
+        jitter = float(np.mean(np.diag(factor @ factor.T - cov)))
+        assert any(abs(jitter - j) < 0.01 * j for j in (1e-5, 1e-4, 1e-3)), jitter
+        np.testing.assert_allclose(factor @ factor.T, cov + jitter * np.eye(10), atol=1e-6)
+        ref = _reference_mahalanobis(x[:, :, p:p + 1], test.flatten(2)[:, :, p:p + 1].double().numpy(), jitter)
+        np.testing.assert_allclose(d[:, p].double().numpy(), ref[:, 0], rtol=1e-2)   # float32 factor, cond ~1e5
 
 
 def test_nan_features_give_a_clear_error():
@@ -334,13 +350,23 @@ def test_nan_features_give_a_clear_error():
 
 def test_gaussian_fit_with_two_threads_in_a_fresh_process():
     """anomalib's batched inverse crashed with 2 threads on this torch build; ours must not."""
-    code = ("import torch; torch.set_num_threads(2);"
-            "from adlib.kernels import GaussianAccumulator;"
-            "a = GaussianAccumulator(torch.float32); a.update(torch.randn(40, 64, 16, 16));"
-            "g = a.finalize(); d = g.mahalanobis(torch.randn(3, 64, 16, 16));"
-            "assert torch.isfinite(d).all(); print('ok', tuple(d.shape))")
+    code = ("import numpy as np, torch; torch.set_num_threads(2)\n"
+            "from adlib.kernels import GaussianAccumulator\n"
+            "g = torch.Generator().manual_seed(0)\n"
+            "train, test = torch.randn(40, 64, 16, 16, generator=g), torch.randn(3, 64, 16, 16, generator=g)\n"
+            "a = GaussianAccumulator(torch.float32); a.update(train)\n"
+            "d = a.finalize().mahalanobis(test)\n"
+            "assert torch.isfinite(d).all()\n"
+            "# float64 reference (NumPy's solve, position by position): covariance + 0.01 I, the default eps\n"
+            "x, t = train.flatten(2).double().numpy(), test.flatten(2).double().numpy()\n"
+            "xc = x - x.mean(0)\n"
+            "cov = np.einsum('ncp,ndp->pcd', xc, xc) / 39 + 0.01 * np.eye(64)\n"
+            "diff = (t - x.mean(0)).transpose(2, 0, 1)\n"
+            "ref = np.sqrt(np.einsum('pbc,pcb->bp', diff, np.linalg.solve(cov, diff.transpose(0, 2, 1))))\n"
+            "print('ok', tuple(d.shape), 'max_rel_err', float((np.abs(d.double().numpy() - ref) / ref).max()))\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "ok (3, 256)" in proc.stdout, proc.stderr
+    assert float(proc.stdout.split("max_rel_err")[1]) < 1e-4, proc.stdout
 
 
 def test_finalize_twice_returns_the_same_fit():

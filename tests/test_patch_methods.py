@@ -7,20 +7,14 @@ import torch
 
 from adlib import get_detector, load_detector, settings
 from adlib.__main__ import _hyper, build_parser
-from adlib.data import MVTecDataset, load_split, train_batches
+from adlib.data import train_batches
 from adlib.evaluate import evaluate
-from adlib.kernels import MemoryBudgetError, chunked_coreset, knn
-
-
-@pytest.fixture(scope="module")
-def bottle(real_root):
-    return (MVTecDataset(real_root, "bottle", "train", image_size=256),
-            MVTecDataset(real_root, "bottle", "test", image_size=256))
+from adlib.kernels import MemoryBudgetError, chunked_coreset, greedy_coreset
 
 
 @pytest.mark.slow
-def test_patchcore_reaches_the_bars_on_real_bottle(bottle):
-    train, test = bottle
+def test_patchcore_reaches_the_bars_on_real_bottle(real_bottle):
+    train, test = real_bottle(256)
     m = evaluate(get_detector("patchcore", device="cpu"), test, train, progress=False).metrics
     assert m["image_auroc"] >= 0.99, m
     assert m["pixel_auroc"] >= 0.98, m
@@ -28,18 +22,11 @@ def test_patchcore_reaches_the_bars_on_real_bottle(bottle):
 
 
 @pytest.mark.slow
-def test_padim_reaches_the_bars_on_real_bottle(bottle):
-    train, test = bottle
+def test_padim_reaches_the_bars_on_real_bottle(real_bottle):
+    train, test = real_bottle(256)
     m = evaluate(get_detector("padim", device="cpu"), test, train, progress=False).metrics
     assert m["image_auroc"] >= 0.99, m
     assert m["pixel_auroc"] >= 0.975, m
-
-
-@pytest.fixture(scope="module")
-def small_synthetic(synthetic_root):
-    train = MVTecDataset(synthetic_root, "synthetic", "train", image_size=64)
-    test = MVTecDataset(synthetic_root, "synthetic", "test", image_size=64)
-    return train, load_split(test)[0]
 
 
 def test_patchcore_full_bank_scores_are_nearest_patch_distances(small_synthetic):
@@ -52,22 +39,54 @@ def test_patchcore_full_bank_scores_are_nearest_patch_distances(small_synthetic)
     torch.testing.assert_close(scores.double(), brute, rtol=1e-4, atol=1e-5)
 
 
-def test_patchcore_coreset_shrinks_bank_and_reweighting_runs(small_synthetic):
+def _reweighted_scores_float64(detector, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paper's re-weighted image score by a plain loop in float64: per image, the test patch m
+    farthest from the bank, its nearest bank patch m*, and the ``num_neighbors`` bank patches nearest
+    m* (m* first); score = (1 - softmax(|m - those patches|)[m*]) * |m - m*|. Returns (re-weighted, max)."""
+    emb = detector.embed(images).double()
+    bank = detector.memory_bank.double()
+    reweighted, plain = [], []
+    for features in emb:
+        patches = features.permute(1, 2, 0).reshape(-1, features.shape[0])
+        nearest = torch.cdist(patches, bank).min(1)
+        j = int(nearest.values.argmax())
+        anchor = int(nearest.indices[j])
+        around = torch.cdist(bank[anchor][None], bank)[0].topk(detector.num_neighbors, largest=False).indices
+        assert int(around[0]) == anchor
+        weight = 1 - torch.softmax((bank[around] - patches[j]).norm(dim=1), 0)[0]
+        plain.append(float(nearest.values[j]))
+        reweighted.append(float(weight) * plain[-1])
+    return torch.tensor(reweighted, dtype=torch.float64), torch.tensor(plain, dtype=torch.float64)
+
+
+def test_patchcore_coreset_is_the_greedy_selection_of_the_bank_and_reweighting_is_the_papers(small_synthetic):
     train, images = small_synthetic
     full = get_detector("patchcore", coreset_ratio=1.0, device="cpu").fit(train_batches(train, 8))
     small = get_detector("patchcore", coreset_ratio=0.1, reweight=True, device="cpu").fit(train_batches(train, 8))
     assert small.memory_bank.shape[0] == round(0.1 * full.memory_bank.shape[0])
+    # the small bank is exactly the greedy coreset's rows of the full bank (same features, same seed)
+    chosen = greedy_coreset(full.memory_bank, ratio=0.1, proj_dim=small.proj_dim, seed=small.seed)
+    assert small.coreset_used == "exact" and torch.equal(small.memory_bank, full.memory_bank[chosen])
     scores, maps = small.predict(images[:4])
     assert scores.shape == (4,) and maps.shape == (4, 64, 64) and torch.isfinite(scores).all()
+    reference, plain = _reweighted_scores_float64(small, images[:4])
+    torch.testing.assert_close(scores.double(), reference, rtol=1e-5, atol=0.0)
+    assert not torch.allclose(reference, plain, rtol=1e-5, atol=0.0)      # the re-weighting is visible here
 
 
 def test_patchcore_over_a_tiny_memory_budget_streams_chunked_or_fails_clearly(small_synthetic):
     train, images = small_synthetic                  # 24 images -> a bank of 1,536 x 152 (0.9 MB)
     chunked = get_detector("patchcore", coreset="chunked", memory_mb=0.5, device="cpu").fit(train_batches(train, 8))
     assert chunked.coreset_used == "chunked" and chunked.memory_bank.shape == (154, 152)
-    assert torch.isfinite(chunked.predict(images[:2])[0]).all()
+    scores = chunked.predict(images[:2])[0]
+    assert torch.isfinite(scores).all()
+    emb = chunked.embed(images[:2])                  # the scores are nearest-patch distances to the chunked bank
+    patches = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1]).double()
+    brute = torch.cdist(patches, chunked.memory_bank.double()).min(1).values.view(2, -1).max(1).values
+    torch.testing.assert_close(scores.double(), brute, rtol=1e-4, atol=1e-5)
     auto = get_detector("patchcore", memory_mb=0.5, device="cpu").fit(train_batches(train, 8))
     assert auto.coreset_used == "chunked"            # auto: the exact bank would not fit
+    assert torch.equal(auto.memory_bank, chunked.memory_bank)      # ... and it chunks as "chunked" does
     with pytest.raises(MemoryBudgetError, match=r"coreset=exact .*need about .* MB.* budget of 0.5 MB.*coreset=chunked"):
         get_detector("patchcore", coreset="exact", memory_mb=0.5, device="cpu").fit(train_batches(train, 8))
 

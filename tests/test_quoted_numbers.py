@@ -30,6 +30,11 @@ def test_prose_numbers_match_stored_outputs(notebook):
 
 def test_every_chapter_is_checked():
     assert len(NOTEBOOKS) >= 9
+    # every notebook chapter of the book's table of contents is one of the notebooks checked above, and
+    # every notebook checked is a chapter of the book
+    chapters = {line.split("file:")[1].strip() for line in (ROOT / "_toc.yml").read_text().splitlines()
+                if line.strip().startswith("- file: notebooks/")}
+    assert chapters == {f"notebooks/{p.stem}" for p in NOTEBOOKS}
 
 
 # --- the rule, on small examples ----------------------------------------------------------------------

@@ -6,34 +6,25 @@ import pytest
 import torch
 
 from adlib import get_detector, load_detector
-from adlib.data import MVTecDataset, load_split, train_batches
+from adlib.data import load_split, train_batches
 from adlib.detectors.autoencoder import ConvAutoencoder, reconstruction_error
 from adlib.detectors.dfr import pca_latent_dim, regional_features
 from adlib.evaluate import evaluate
 
 
-@pytest.fixture(scope="module")
-def small_synthetic(synthetic_root):
-    train = MVTecDataset(synthetic_root, "synthetic", "train", image_size=64)
-    test = MVTecDataset(synthetic_root, "synthetic", "test", image_size=64)
-    return train, load_split(test)[0]
-
-
 @pytest.mark.slow
-def test_dfr_reaches_the_bars_on_real_bottle(real_root):
-    train = MVTecDataset(real_root, "bottle", "train", image_size=256)
-    test = MVTecDataset(real_root, "bottle", "test", image_size=256)
+def test_dfr_reaches_the_bars_on_real_bottle(real_bottle):
+    train, test = real_bottle(256)
     m = evaluate(get_detector("dfr", device="cpu"), test, train, progress=False).metrics
     assert m["image_auroc"] >= 0.99, m
     assert m["pixel_auroc"] >= 0.975, m
 
 
 @pytest.mark.slow
-def test_autoencoder_on_the_shared_loop_reaches_its_bar_on_real_bottle(real_root):
+def test_autoencoder_on_the_shared_loop_reaches_its_bar_on_real_bottle(real_bottle):
     """A CI-sized run (128 px, 50 epochs; measured 0.892 / 0.724) of the chapter's 0.957 image AUROC
     at 256 px and 100 epochs: the naive baseline still learns bottles on adlib.train's loop."""
-    train = MVTecDataset(real_root, "bottle", "train", image_size=128)
-    test = MVTecDataset(real_root, "bottle", "test", image_size=128)
+    train, test = real_bottle(128)
     det = get_detector("autoencoder", epochs=50, device="cpu")
     m = evaluate(det, test, train, progress=False).metrics
     assert m["image_auroc"] >= 0.85 and m["pixel_auroc"] >= 0.65, m

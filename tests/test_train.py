@@ -151,7 +151,19 @@ def _torchrun(script: Path, *args: str) -> None:
 
 def _ddp_resume_worker(out: Path) -> None:
     """Run by :func:`test_a_two_process_run_records_its_world_size_and_resumes_bit_for_bit` in each
-    process: an unbroken run and one stopped mid-epoch then resumed; writes ``out/rank{R}.json``."""
+    process: an unbroken run and one stopped mid-epoch then resumed; writes ``out/rank{R}.json``.
+    The three runs share one process group made here (``train`` uses an existing group and leaves it):
+    gloo does not reliably re-form a group destroyed moments before in the same processes."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    try:
+        _three_runs(out)
+    finally:
+        dist.destroy_process_group()
+
+
+def _three_runs(out: Path) -> None:
     config = dict(epochs=2, batch_size=4, lr=1e-2, device="cpu", progress=False)
     model, loss_fn, data = make_problem(dropout=0.2)   # per-rank dropout: every rank's RNG is restored
     full = train(model, loss_fn, data, TrainConfig(**config))

@@ -270,3 +270,15 @@ def test_math_screenshot(book, base_url, driver):
     SCREENS.mkdir(parents=True, exist_ok=True)
     out = SCREENS / (page.replace("/", "_").removesuffix(".html") + ".png")
     assert driver.save_screenshot(str(out)), f"could not write {out}"
+    # The formula itself must be ink on paper: MathJax's output, not an empty box or raw TeX in a span.
+    formula = driver.execute_script("return document.querySelector('mjx-container');")
+    assert formula is not None, f"{page}: {counts[page]} math elements, but none was typeset by MathJax"
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    gray = np.asarray(Image.open(io.BytesIO(formula.screenshot_as_png)).convert("L"), dtype=float)
+    ink = float((gray < 128).mean())
+    assert min(gray.shape) >= 8 and 0.005 < ink < 0.6, \
+        f"{page}: the first typeset formula is {gray.shape} px with {ink:.1%} dark pixels: not a rendered formula"
