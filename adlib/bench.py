@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from . import kernels
-from .kernels._runtime import in_threads
+from .kernels import in_threads
 from .kernels.chunked_coreset import DEFAULT_CHUNK_POINTS
 from .kernels.coreset import plain_greedy_coreset
 from .kernels.neighbours import cpu_tile_sizes

@@ -24,7 +24,7 @@ import numpy as np
 
 from .imagefiles import IMAGE_SUFFIXES, DataError, pixels_to_unit, read_resized
 
-__all__ = ["ExportedDetector", "ModelFileError", "FORMAT", "list_images"]
+__all__ = ["ExportedDetector", "ModelFileError", "FORMAT", "list_images", "max_relative_error"]
 
 FORMAT = "adlib-onnx/1"   # what adlib.export writes; a file of another format is refused by name
 
@@ -117,6 +117,18 @@ class ExportedDetector:
             raise ValueError(f"{self.path.name} has no threshold (its detector was fitted without a hold-out); "
                              f"pass one")
         return np.asarray(scores) > cut
+
+
+def max_relative_error(actual: np.ndarray, reference: np.ndarray) -> float:
+    """How far an exported graph's output is from adlib's: the largest ``|actual - reference|`` of any
+    image, relative to that image's largest ``|reference|``. Both ``(N, ...)``: scores ``(N,)`` (each
+    score then is its own scale) or maps ``(N, H, W)``; computed in float64."""
+    actual, reference = np.asarray(actual, np.float64), np.asarray(reference, np.float64)
+    if actual.shape != reference.shape or actual.ndim == 0 or len(actual) == 0:
+        raise ValueError(f"need two non-empty arrays of one shape (N, ...), got {actual.shape} and {reference.shape}")
+    ref = reference.reshape(len(reference), -1)
+    diff = np.abs(actual.reshape(len(actual), -1) - ref).max(1)
+    return float((diff / np.maximum(np.abs(ref).max(1), 1e-12)).max())
 
 
 def list_images(items: Iterable[str | os.PathLike]) -> list[Path]:

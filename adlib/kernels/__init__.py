@@ -23,7 +23,7 @@ is fast and ``python -m adlib.bench`` for the measurements against the field's i
 """
 
 from ._lapack import lapack_available
-from ._runtime import DEFAULT_BUDGET_MB
+from ._runtime import DEFAULT_BUDGET_MB, in_threads
 from .blobs import BLOB_COLOURS, BLOB_SIGNS, BlobParams, blob_score, gmm_blobs, paint_blobs
 from .chunked_coreset import CoresetStream, MemoryBudgetError, chunked_greedy_coreset
 from .coreset import covering_radius, greedy_coreset, random_projection
@@ -33,4 +33,4 @@ from .neighbours import knn
 __all__ = ["knn", "greedy_coreset", "covering_radius", "random_projection", "chunked_greedy_coreset", "CoresetStream",
            "MemoryBudgetError", "GaussianAccumulator", "PositionGaussians",
            "mahalanobis", "gmm_blobs", "BLOB_SIGNS", "BLOB_COLOURS", "paint_blobs", "blob_score", "BlobParams", "DEFAULT_BUDGET_MB",
-           "lapack_available"]
+           "lapack_available", "in_threads"]
