@@ -69,8 +69,9 @@ def test_grayscale_rgba_and_mixed_sizes_become_rgb(tmp_path):
     ds = MVTecDataset(tmp_path, "cat", "train", image_size=32, normalize=False)
     images = torch.stack([ds[i]["image"] for i in range(len(ds))])
     assert images.shape == (5, 3, 32, 32)
-    gray = ds[3]["image"]
-    assert torch.allclose(gray[0], gray[1]) and torch.allclose(gray[1], gray[2])
+    gray, rgba = ds[3]["image"], ds[4]["image"]
+    assert torch.allclose(gray, torch.full_like(gray, 128 / 255), atol=1e-6)   # one gray value in all 3 channels
+    assert torch.allclose(rgba, torch.full_like(rgba, 157 / 255), atol=1e-6)   # composited on black: 200 * 200 / 255
 
 
 def test_missing_category_names_folder_and_lists_found(tmp_path):
