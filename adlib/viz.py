@@ -206,20 +206,24 @@ _LABEL_OFFSETS = [(dx, dy) for dy in (4, -11, 15, -22, 26, -33, 37, -44) for dx 
 
 
 def label_points(ax: plt.Axes, xs: Any, ys: Any, labels: list[str], fontsize: float = 8.0,
-                 pad: float = 1.5) -> list[Any]:
+                 pad: float = 1.5) -> list[Any | None]:
     """Write ``labels[i]`` beside the point ``(xs[i], ys[i])`` (data coordinates) so that no two labels
     overlap each other or a point: each label takes the first offset in ``_LABEL_OFFSETS`` whose box
-    (``pad`` pixels around the text) meets no point and no label placed before it; the points are labelled from the top down. Call it after
-    the points are drawn and the scales set. Returns the annotations, in the order of ``labels``."""
+    (``pad`` pixels around the text) meets no point and no label placed before it; the points are
+    labelled from the top down. A point with a non-finite coordinate (a metric that is NaN on a data
+    set without masks) gets no label (``None``). Call it after the points are drawn and the scales
+    set. Returns the annotations, in the order of ``labels``."""
     from matplotlib.transforms import Bbox
 
     ax.autoscale_view()
     renderer = ax.figure.canvas.get_renderer()
-    centres = ax.transData.transform(np.column_stack([np.asarray(xs, float), np.asarray(ys, float)]))
+    points = np.column_stack([np.asarray(xs, float), np.asarray(ys, float)])
+    drawable = [i for i in range(len(labels)) if np.isfinite(points[i]).all()]
+    centres = ax.transData.transform(points[drawable]) if drawable else np.empty((0, 2))
     marker = 4.0 * ax.figure.dpi / 72          # about a marker's radius, in pixels
     placed: list[Any] = [Bbox.from_extents(x - marker, y - marker, x + marker, y + marker) for x, y in centres]
     annotations: dict[int, Any] = {}
-    for i in sorted(range(len(labels)), key=lambda k: -float(ys[k])):
+    for i in sorted(drawable, key=lambda k: -points[k, 1]):
         for dx, dy in _LABEL_OFFSETS:
             note = ax.annotate(labels[i], (xs[i], ys[i]), textcoords="offset points", xytext=(dx, dy),
                                fontsize=fontsize, ha="left" if dx > 0 else "right")
@@ -233,4 +237,4 @@ def label_points(ax: plt.Axes, xs: Any, ys: Any, labels: list[str], fontsize: fl
             box = note.get_window_extent(renderer).padded(pad)
         placed.append(box)
         annotations[i] = note
-    return [annotations[i] for i in range(len(labels))]
+    return [annotations.get(i) for i in range(len(labels))]

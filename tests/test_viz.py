@@ -87,3 +87,8 @@ def test_label_points_keeps_crowded_labels_apart():
     naive = [n.get_window_extent(renderer) for n in crowded_naive[:4]]
     assert any(a.overlaps(b) for i, a in enumerate(naive) for b in naive[i + 1:])
     plt.close(fig)
+    fig, ax = plt.subplots()
+    ax.plot([1.0, 2.0], [0.9, 0.8], "o")
+    notes = label_points(ax, [1.0, 2.0, 3.0], [0.9, 0.8, float("nan")], ["a", "b", "no masks"])
+    assert [n.get_text() for n in notes[:2]] == ["a", "b"] and notes[2] is None   # a NaN metric: no label
+    plt.close(fig)
