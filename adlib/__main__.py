@@ -346,8 +346,6 @@ def _recipe_from_args(entry: PretrainRecipe, args: argparse.Namespace):
 def run_pretrain(args: argparse.Namespace) -> dict:
     """``pretrain RECIPE``: train, then (rank 0) write the backbone file; returns a summary."""
     entry = RECIPES[args.recipe]
-    if getattr(args, "epochs", 1) < 1:
-        raise ValueError(f"--epochs must be at least 1, got {args.epochs}")
     _check_pretrain_args(args)
     device = _device(args.device)
     recipe = _recipe_from_args(entry, args)

@@ -266,10 +266,10 @@ def plot_accuracy_vs_time(summary: list[dict[str, Any]], data: str, metric: str 
     ax = ax or plt.subplots(figsize=(6, 4))[1]
     rows = [r for r in summary if r["data"] == data]
     costs = [r["fit_s"] + 0.1 * r["ms_per_image"] for r in rows]
-    for row, cost in zip(rows, costs):
-        ax.errorbar(cost, row[metric], yerr=row[f"{metric}_std"], fmt="o", capsize=3)
+    colors = [ax.errorbar(cost, row[metric], yerr=row[f"{metric}_std"], fmt="o", capsize=3)[0].get_color()
+              for row, cost in zip(rows, costs)]
     ax.set_xscale("log")
-    label_points(ax, costs, [r[metric] for r in rows], [r["method"] for r in rows])
+    label_points(ax, costs, [r[metric] for r in rows], [r["method"] for r in rows], colors=colors)
     ax.set_xlabel("fit time + time to score 100 images (s, log scale)")
     ax.set_ylabel(metric.replace("_", " "))
     ax.set_title(data)

@@ -203,16 +203,26 @@ def failure_grid(evaluation: Any, images: Tensor, k: int = 3, size: float = 2.4)
 
 # Offsets (points) tried in turn for a point's label: right of it above, below, left above, below, then further out.
 _LABEL_OFFSETS = [(dx, dy) for dy in (4, -11, 15, -22, 26, -33, 37, -44) for dx in (5, -5)]
+_NEAR_ROWS = 15     # labels offset further than this (points) get a leader line to their point
+
+
+def _annotate(ax: plt.Axes, text: str, xy: tuple[float, float], offset: tuple[int, int], fontsize: float,
+              color: Any, leader: bool = False) -> Any:
+    arrow = dict(arrowstyle="-", lw=0.6, color=color, shrinkA=1, shrinkB=4) if leader else None
+    return ax.annotate(text, xy, textcoords="offset points", xytext=offset, fontsize=fontsize, color=color,
+                       ha="left" if offset[0] > 0 else "right", arrowprops=arrow)
 
 
 def label_points(ax: plt.Axes, xs: Any, ys: Any, labels: list[str], fontsize: float = 8.0,
-                 pad: float = 1.5) -> list[Any | None]:
+                 pad: float = 1.5, colors: Sequence[Any] | None = None) -> list[Any | None]:
     """Write ``labels[i]`` beside the point ``(xs[i], ys[i])`` (data coordinates) so that no two labels
     overlap each other or a point: each label takes the first offset in ``_LABEL_OFFSETS`` whose box
     (``pad`` pixels around the text) meets no point and no label placed before it; the points are
-    labelled from the top down. A point with a non-finite coordinate (a metric that is NaN on a data
-    set without masks) gets no label (``None``). Call it after the points are drawn and the scales
-    set. Returns the annotations, in the order of ``labels``."""
+    labelled from the top down. A label pushed beyond the nearest rows of offsets gets a thin leader
+    line to its point, and with ``colors`` each label is written in its point's colour, so a crowded
+    label still names the right point. A point with a non-finite coordinate (a metric that is NaN on a
+    data set without masks) gets no label (``None``). Call it after the points are drawn and the
+    scales set. Returns the annotations, in the order of ``labels``."""
     from matplotlib.transforms import Bbox
 
     ax.autoscale_view()
@@ -224,17 +234,20 @@ def label_points(ax: plt.Axes, xs: Any, ys: Any, labels: list[str], fontsize: fl
     placed: list[Any] = [Bbox.from_extents(x - marker, y - marker, x + marker, y + marker) for x, y in centres]
     annotations: dict[int, Any] = {}
     for i in sorted(drawable, key=lambda k: -points[k, 1]):
-        for dx, dy in _LABEL_OFFSETS:
-            note = ax.annotate(labels[i], (xs[i], ys[i]), textcoords="offset points", xytext=(dx, dy),
-                               fontsize=fontsize, ha="left" if dx > 0 else "right")
+        color = "black" if colors is None else colors[i]
+        for offset in _LABEL_OFFSETS:
+            note = _annotate(ax, labels[i], (xs[i], ys[i]), offset, fontsize, color)
             box = note.get_window_extent(renderer).padded(pad)
             if not any(box.overlaps(other) for other in placed):
                 break
             note.remove()
         else:   # every offset is taken: keep the first one, overlapping
-            note = ax.annotate(labels[i], (xs[i], ys[i]), textcoords="offset points", xytext=_LABEL_OFFSETS[0],
-                               fontsize=fontsize, ha="left")
+            offset = _LABEL_OFFSETS[0]
+            note = _annotate(ax, labels[i], (xs[i], ys[i]), offset, fontsize, color)
             box = note.get_window_extent(renderer).padded(pad)
+        if abs(offset[1]) > _NEAR_ROWS:
+            note.remove()
+            note = _annotate(ax, labels[i], (xs[i], ys[i]), offset, fontsize, color, leader=True)
         placed.append(box)
         annotations[i] = note
     return [annotations.get(i) for i in range(len(labels))]

@@ -12,9 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from matplotlib import colormaps
 from PIL import Image
 
 from adlib.__main__ import main
+from adlib.data import Preprocessing
+from adlib.viz import MAP_CMAP
 from adlib.detectors import load_detector
 
 
@@ -40,7 +43,7 @@ def folders(synthetic_root, tmp_path_factory) -> tuple[Path, Path, Path]:
     return base, normal, test
 
 
-def test_fit_then_predict_on_a_plain_folder(folders, tmp_path):
+def test_fit_then_predict_on_a_plain_folder(folders, synthetic_root, tmp_path):
     _, normal, test = folders
     model = tmp_path / "models" / "ps.safetensors"
     fit = adlib("fit", "--method", "pixel_stats", "--images", str(normal), "--out", str(model),
@@ -58,8 +61,18 @@ def test_fit_then_predict_on_a_plain_folder(folders, tmp_path):
     assert decided["spot"].count("anomalous") >= 2 and decided["good"].count("normal") >= 2
     pngs = sorted(heat.glob("*_heatmap.png"))
     assert len(pngs) == 6 and Image.open(pngs[0]).size == (64, 64)
-    # the heat map shows something: a defective image's overlay differs from a plain image somewhere
-    assert np.asarray(Image.open(pngs[0])).std() > 1
+    # each spot image's overlay is hotter inside its defect than outside: undo the 50% blend with the
+    # image, then read the map level back off the colour map
+    plain = Preprocessing(image_size=64)
+    palette = 255 * colormaps[MAP_CMAP](np.linspace(0, 1, 256))[:, :3]
+    for png in heat.glob("spot_*_heatmap.png"):
+        stem = png.name[len("spot_"):-len("_heatmap.png")]
+        mask_file = synthetic_root / "synthetic" / "ground_truth" / "spot" / f"{stem}_mask.png"
+        pixels = plain.read(test / f"spot_{stem}.png")[0].permute(1, 2, 0).numpy().astype(float)
+        colour = 2 * np.asarray(Image.open(png), dtype=float) - pixels
+        level = ((colour[:, :, None, :] - palette) ** 2).sum(-1).argmin(-1) / 255
+        inside = np.asarray(Image.open(mask_file).convert("L").resize((64, 64), Image.NEAREST)) > 127
+        assert level[inside].mean() > 3 * level[~inside].mean() + 0.03, png.name
 
 
 def test_predict_decision_threshold_override_and_stdout(folders, tmp_path, capsys):

@@ -49,10 +49,18 @@ def test_resize_crop_and_normalization(real_root):
     ds = MVTecDataset(real_root, "bottle", "train", image_size=256, crop_size=224, limit=4)
     x = torch.stack([ds[i]["image"] for i in range(len(ds))])
     assert x.shape == (4, 3, 224, 224)
-    raw = MVTecDataset(real_root, "bottle", "train", image_size=256, crop_size=224, limit=4, normalize=False)[0]["image"]
-    assert 0 <= raw.min() and raw.max() <= 1
-    back = data.denormalize(ds[0]["image"])
-    assert torch.allclose(back, raw, atol=1e-5)
+    raw_ds = MVTecDataset(real_root, "bottle", "train", image_size=256, crop_size=224, limit=4, normalize=False)
+    raw = raw_ds[0]["image"]
+    # float64 reference: antialiased bilinear resize of the 900 px file to 256, then the central 224
+    original = torch.from_numpy(np.asarray(Image.open(raw_ds[0]["path"]).convert("RGB"), dtype=np.float64) / 255)
+    resized = torch.nn.functional.interpolate(original.permute(2, 0, 1)[None], size=(256, 256), mode="bilinear",
+                                              antialias=True, align_corners=False)[0]
+    reference = resized[:, 16:240, 16:240]
+    assert (raw.double() - reference).abs().mean() < 1 / 255 and (raw.double() - reference).abs().max() < 6 / 255
+    mean = torch.tensor([0.485, 0.456, 0.406], dtype=torch.float64)[:, None, None]
+    std = torch.tensor([0.229, 0.224, 0.225], dtype=torch.float64)[:, None, None]
+    assert torch.allclose(ds[0]["image"].double(), (raw.double() - mean) / std, atol=1e-5)
+    assert torch.allclose(data.denormalize(ds[0]["image"]), raw, atol=1e-5)
 
 
 def test_mask_resized_with_nearest_stays_binary(tmp_path):
@@ -60,6 +68,14 @@ def test_mask_resized_with_nearest_stays_binary(tmp_path):
     ds = MVTecDataset(tmp_path, "cat", "test", image_size=17)
     masks = torch.stack([ds[i]["mask"] for i in range(len(ds))])
     assert set(masks.unique().tolist()) <= {0.0, 1.0} and masks.sum() > 0
+    # nearest neighbour: output pixel i reads source pixel floor((i + 0.5) * source / 17)
+    written = np.zeros((30, 40), bool)
+    written[5:15, 10:20] = True
+    rows = np.floor((np.arange(17) + 0.5) * 30 / 17).astype(int)
+    cols = np.floor((np.arange(17) + 0.5) * 40 / 17).astype(int)
+    expected = torch.from_numpy(written[rows][:, cols]).float()
+    assert torch.equal(masks[ds.defects.index("dent"), 0], expected)
+    assert masks[ds.defects.index("good")].sum() == 0
 
 
 def test_grayscale_rgba_and_mixed_sizes_become_rgb(tmp_path):
@@ -91,9 +107,11 @@ def test_corrupt_png_names_file(tmp_path, damage):
     folder = _write_category(tmp_path)
     bad = folder / "train/good/001.png"
     content = bad.read_bytes()
+    intact = MVTecDataset(tmp_path, "cat", "train")
+    before = [intact[0]["image"], intact[2]["image"]]
     bad.write_bytes(b"not a png at all" if damage == "garbage" else content[: len(content) // 2])
     ds = MVTecDataset(tmp_path, "cat", "train")
-    assert ds[0]["image"].shape[0] == 3  # the other images still load
+    assert torch.equal(ds[0]["image"], before[0]) and torch.equal(ds[2]["image"], before[1])  # the others load as before
     with pytest.raises(DataError, match=r"001\.png: cannot read image"):
         ds[1]
 

@@ -161,10 +161,21 @@ def test_cli_pretrain_then_evaluate_with_the_file(synthetic_root, tmp_path, caps
     assert "made with other settings (recipe: " in err and "'lambda_center': 5.0" in err, err
 
 
+@pytest.mark.parametrize("options, message", [
+    (dict(form="global"), "form must be one of"),
+    (dict(lambda_center=-1.0), "lambda_center and class_weight must be >= 0"),
+    (dict(batch_size=1), "batch_size >= 2"),
+    (dict(epochs=0), "epochs must be at least 1"),
+])
+def test_centering_recipe_rejects_bad_options(options, message):
+    with pytest.raises(ValueError, match=message):
+        CenteringRecipe(**options)
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--category", "nothing_here"], "nothing_here"),
     (["--out", "w.pt"], "must end in .safetensors"),
-    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--epochs", "0"], "epochs must be at least 1, got 0"),
     (["--batch-size", "1"], "batch_size >= 2"),
     (["--resume", "--checkpoint-dir", "/nonexistent/ckpt"], "no checkpoint"),
     (["--device", "gpu"], "--device gpu"),

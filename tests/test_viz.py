@@ -70,6 +70,8 @@ def test_failure_grid_colour_scale_works_for_mean_scores():
 
 def test_label_points_keeps_crowded_labels_apart():
     """Five methods at almost the same cost and accuracy (bottle's ceiling): their labels must not overlap."""
+    from matplotlib.text import Text
+
     from adlib.viz import label_points
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -77,10 +79,14 @@ def test_label_points_keeps_crowded_labels_apart():
     names = ["padim", "patchcore", "centering", "semi_formula", "autoencoder"]
     ax.plot(xs, ys, "o")
     ax.set_xscale("log")
-    notes = label_points(ax, xs, ys, names)
+    colors = ["C0", "C1", "C2", "C3", "C4"]
+    notes = label_points(ax, xs, ys, names, colors=colors)
     renderer = fig.canvas.get_renderer()
-    boxes = [n.get_window_extent(renderer) for n in notes]
+    boxes = [Text.get_window_extent(n, renderer) for n in notes]     # the text alone, without a leader line
     assert [n.get_text() for n in notes] == names
+    assert [n.get_color() for n in notes] == colors                    # each label in its point's colour
+    far = [abs(n.xyann[1]) > 15 for n in notes]
+    assert any(far) and [n.arrow_patch is not None for n in notes] == far   # pushed far: a leader line
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
     crowded_naive = [ax.annotate(t, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
                      for t, x, y in zip(names, xs, ys)]       # the old fixed offset: these do overlap

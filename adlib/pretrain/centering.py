@@ -68,6 +68,8 @@ class CenteringRecipe:
                              f"{self.class_weight}")
         if self.batch_size < 2:
             raise ValueError(f"a batch mean needs batch_size >= 2, got {self.batch_size}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be at least 1, got {self.epochs}")
 
 
 class CenteringNet(nn.Module):
