@@ -15,12 +15,14 @@
 from __future__ import annotations
 
 import os
+from typing import Protocol
 
 import torch
 
-__all__ = ["is_small", "default_device", "pick", "ctypes_disabled", "mvtec_url", "memory_budget_mb"]
+__all__ = ["is_small", "is_book_run", "BOOK_CATEGORY", "default_device", "pick", "ctypes_disabled", "mvtec_url", "memory_budget_mb"]
 
 DEFAULT_MEMORY_MB = 2048.0
+BOOK_CATEGORY = "bottle"     # the MVTec AD category of the book's stored runs; its prose quotes them
 
 
 def is_small() -> bool:
@@ -37,6 +39,21 @@ def default_device(device: str | torch.device | None = None) -> torch.device:
     if chosen.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {chosen} was asked for but torch sees no CUDA device")
     return chosen
+
+
+class _Data(Protocol):
+    real: bool
+    category: str
+
+
+def is_book_run(choice: _Data, category: str = BOOK_CATEGORY) -> bool:
+    """True when a notebook runs what its text describes: real data of ``category`` at full size.
+
+    ``choice`` is the notebook's :class:`adlib.data.DataChoice`. The chapters' key checks, bars their
+    stored numbers clear, apply only then: another category (a chapter's ``CATEGORY``), a synthetic
+    stand-in or ``ADLIB_SMALL`` skips them instead of failing on numbers meant for bottle.
+    """
+    return bool(choice.real) and choice.category == category and not is_small()
 
 
 def pick(full, small):

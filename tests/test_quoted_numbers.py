@@ -88,3 +88,61 @@ def test_markers_excuse_exactly_what_they_name(tmp_path):
 
 def test_stale_marker_is_reported(tmp_path):
     assert _problems(tmp_path, "no numbers <!-- derived: 0.6 -->", "") == ["0.6"]
+
+
+# --- pages: the README and the book's pages quote the notebooks -------------------------------------
+
+
+@pytest.mark.parametrize("page", cqn.PAGES, ids=[p.name for p in cqn.PAGES])
+def test_page_numbers_match_their_sources(page):
+    problems = cqn.check_page(page)
+    assert not problems, "quoted numbers that their named sources do not back:\n" + "\n".join(map(str, problems))
+
+
+def test_a_page_part_is_checked_against_the_sources_it_names(tmp_path, monkeypatch):
+    nb = _nb("", "fit 98.3 s; image AUROC 0.977")
+    nb["metadata"]["adlib"] = {"minutes_cpu": 16}
+    (tmp_path / "notebooks").mkdir()
+    (tmp_path / "notebooks" / "07_x.ipynb").write_text(__import__("json").dumps(nb))
+    monkeypatch.setattr(cqn, "ROOT", tmp_path)
+    page = tmp_path / "page.md"
+    page.write_text("before any source: 12 min and 0.5 <!-- cited: 0.5 -->\n\n<!-- from: 07_x -->\n"
+                    "the chapter takes 16 min, fits in 98 s and scores 0.977, not 0.978 nor 99 s; 3 images\n"
+                    "<!-- from: -->\nno source again: 0.977\n")
+    assert [(p.cell, p.number) for p in cqn.check_page(page)] == [(0, "12"), (1, "0.978"), (1, "99"), (2, "0.977")]
+    page.write_text("<!-- from: 08_missing -->\n0.5\n")
+    with pytest.raises(ValueError, match="08_missing"):
+        cqn.check_page(page)
+
+
+# --- run times: the metadata every run-time line is written from is the stored run's -----------------
+
+_spec_sync = importlib.util.spec_from_file_location("sync_notebooks", ROOT / "tools" / "sync_notebooks.py")
+sync_notebooks = importlib.util.module_from_spec(_spec_sync)
+_spec_sync.loader.exec_module(sync_notebooks)
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_run_time_metadata_is_the_stored_run(notebook):
+    """``minutes_cpu`` (or, for a stored run that shared its cores, ``contended_minutes``) is how long
+    the stored CPU run took, read from its cells' execution timestamps: within a minute or 15%."""
+    import json
+
+    nb = json.loads(notebook.read_text())
+    meta = nb["metadata"]["adlib"]
+    measured = sync_notebooks.stored_run_minutes(nb)
+    assert measured is not None, "the stored run has no execution timestamps (run it with jupyter execute)"
+    stated = meta.get("contended_minutes", meta["minutes_cpu"])
+    assert abs(stated - measured) <= max(1.0, 0.15 * measured), (
+        f"metadata says {stated} min, the stored run took {measured:.1f} min: set adlib.minutes_cpu (quiet CPU) "
+        f"or adlib.contended_minutes (shared CPU) and run tools/sync_notebooks.py")
+
+
+def test_stored_run_minutes_reads_the_timestamps():
+    cells = [{"cell_type": "code", "metadata": {"execution": {"iopub.execute_input": "2026-12-07T10:00:00.0Z",
+                                                             "iopub.status.idle": "2026-12-07T10:01:00.0Z"}}},
+             {"cell_type": "markdown", "metadata": {}},
+             {"cell_type": "code", "metadata": {"execution": {"iopub.execute_input": "2026-12-07T10:01:00.5Z",
+                                                             "iopub.status.idle": "2026-12-07T10:16:30.0Z"}}}]
+    assert sync_notebooks.stored_run_minutes({"cells": cells}) == pytest.approx(16.5)
+    assert sync_notebooks.stored_run_minutes({"cells": cells[1:2]}) is None

@@ -60,7 +60,7 @@ _URL = re.compile(r"https?://\S+")
 # of a word (but 1.4x is) or of a longer dotted token (a version such as 2.14.1 is skipped as a whole).
 _NUMBER = re.compile(r"(?<![\w.])(\d{1,3}(?:,\d{3})+|\d+)(?:\.(\d+))?([eE][+\-−]?\d+)?"
                      r"(?=x(?![\w])|[^\w]|$)(?!\.\d)")  # 1.4x is a number with a unit; 3x3 and T4 are not
-_UNIT = re.compile(r"\s?\\?(?:%|x(?![a-zA-Z])|×|times\b|ms\b|s\b|min\b|MB\b|GB\b|GFLOP/s)")
+_UNIT = re.compile(r"\s?\\?(?:%|x(?![a-zA-Z])|×|times\b|ms\b|s\b|min\b|minutes\b|MB\b|GB\b|GFLOP/s)")
 _RANGE = re.compile(r"\s*(?:-|–|to)\s*\+?")
 _OUTPUT_NUMBER = re.compile(r"(?<![\w.])\d+(?:,\d{3})*(?:\.\d+)?(?:[eE][+\-]?\d+)?")
 
@@ -86,9 +86,10 @@ class Problem:
     cell: int
     number: str
     message: str
+    part: str = "markdown cell"     # pages: "part" (the text after the cell-th <!-- from: --> marker)
 
     def __str__(self) -> str:
-        return f"{self.notebook}: markdown cell {self.cell}: {self.number}: {self.message}"
+        return f"{self.notebook}: {self.part} {self.cell}: {self.number}: {self.message}"
 
 
 def prose(markdown: str) -> str:
@@ -222,14 +223,77 @@ def check_notebook(path: str | Path) -> list[Problem]:
     return problems
 
 
+# --- pages: the README and the book's markdown pages quote the notebooks' numbers too ------------------
+
+PAGES = [ROOT / "README.md", ROOT / "book" / "intro.md", ROOT / "book" / "syllabus.md"]
+_FROM = re.compile(r"<!--\s*from\s*:(.*?)-->", re.S)
+_RUNTIMES = re.compile(r"<!-- runtimes:start -->.*?<!-- runtimes:end -->", re.S)  # written by sync_notebooks
+_TIME_UNITS = ("ms", "s", "min", "minutes")
+
+
+def source_values(name: str) -> list[float]:
+    """The numbers a page may quote from ``name``: a notebook (``05_centering``: its stored outputs and
+    its run-time metadata) or a file of the repository (``bench_results/methods.csv``: every number)."""
+    notebook = ROOT / "notebooks" / f"{name}.ipynb"
+    if notebook.is_file():
+        nb = json.loads(notebook.read_text())
+        meta = nb["metadata"].get("adlib", {})
+        minutes = [float(meta[k]) for k in ("minutes_cpu", "minutes_gpu", "contended_minutes") if k in meta]
+        return sorted(set(output_numbers(nb)) | set(minutes))
+    path = ROOT / name
+    if not path.is_file():
+        raise ValueError(f"<!-- from: {name} -->: no notebook notebooks/{name}.ipynb and no file {name}")
+    return sorted({abs(float(t.replace(",", ""))) for t in _OUTPUT_NUMBER.findall(path.read_text())})
+
+
+def page_checked(q: Quoted) -> bool:
+    """On a page, whole numbers of time are checked too (``26 min``, ``98 s``): run times and fit times."""
+    return q.checked or (q.decimals == 0 and q.unit in _TIME_UNITS)
+
+
+def check_page(path: str | Path) -> list[Problem]:
+    """Every checked number of a markdown page that its sources do not back and no marker excuses.
+
+    A page names its sources with ``<!-- from: 05_centering 08_choosing_a_method -->``: the numbers
+    after the marker, up to the next one, are checked against those notebooks' stored outputs and
+    run-time metadata (or a repository file, such as ``bench_results/methods.csv``). Numbers before
+    the first marker have no source, so each must be marked ``cited`` or ``derived``. The intro's
+    run-time table is written from the metadata by ``tools/sync_notebooks.py`` and skipped here."""
+    path = Path(path)
+    text = _RUNTIMES.sub(" ", path.read_text())
+    pieces = _FROM.split(text)      # text, sources, text, sources, text ...
+    parts = [("", pieces[0])] + [(pieces[i], pieces[i + 1]) for i in range(1, len(pieces), 2)]
+    problems = []
+    for index, (sources, part) in enumerate(parts):
+        names = sources.split()
+        values = sorted({v for name in names for v in source_values(name)})
+        marked = markers(part)
+        quoted = quoted_numbers(part)
+        for q in quoted:
+            key = q.text.replace(",", "")
+            if key in marked or not page_checked(q) or backed(q, values):
+                continue
+            where = f"the outputs of {', '.join(names)}" if names else "no source: name one with <!-- from: NN_name -->"
+            problems.append(Problem(path.name, index, q.text, f"not backed by {where} (\"...{q.context}...\"); "
+                                    f"fix the text, or mark it <!-- cited: {q.text} -->", part="part"))
+        present = {q.text.replace(",", "") for q in quoted}
+        for number, kind in marked.items():
+            if number not in present:
+                problems.append(Problem(path.name, index, number,
+                                        f"stale marker <!-- {kind}: {number} -->: the part does not quote it", part="part"))
+    return problems
+
+
 def main(argv: list[str] | None = None) -> int:
     paths = [Path(p) for p in (argv if argv is not None else sys.argv[1:])] or NOTEBOOKS
-    problems = [p for path in paths for p in check_notebook(path)]
+    problems = [p for path in paths for p in (check_page(path) if path.suffix == ".md" else check_notebook(path))]
     for problem in problems:
         print(problem)
-    checked = sum(1 for path in paths for cell in json.loads(Path(path).read_text())["cells"]
+    checked = sum(1 for path in paths if path.suffix == ".ipynb" for cell in json.loads(Path(path).read_text())["cells"]
                   if cell["cell_type"] == "markdown" for q in quoted_numbers("".join(cell["source"])) if q.checked)
-    print(f"{len(paths)} notebooks, {checked} quoted numbers checked, {len(problems)} problems", file=sys.stderr)
+    checked += sum(1 for path in paths if path.suffix == ".md" for q in quoted_numbers(Path(path).read_text())
+                   if page_checked(q))
+    print(f"{len(paths)} files, {checked} quoted numbers checked, {len(problems)} problems", file=sys.stderr)
     return 1 if problems else 0
 
 

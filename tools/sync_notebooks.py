@@ -8,7 +8,9 @@ writes, in every notebook:
   extras each chapter needs (notebook metadata ``adlib.extras``); ``ADLIB_INSTALL`` overrides what is
   installed (a wheel, a local path: how ``tests/test_colab.py`` runs it without the network);
 - the metadata that asks Colab for a GPU runtime (``accelerator: GPU``);
-- the run-time line under the title, from the metadata ``adlib.minutes_cpu`` / ``adlib.minutes_gpu``;
+- the run-time line under the title, from the metadata ``adlib.minutes_cpu`` / ``adlib.minutes_gpu``
+  (and ``adlib.contended_minutes``: a stored CPU run that shared its cores and took that long, while
+  ``minutes_cpu`` is the chapter's time on a quiet CPU);
 
 and in ``book/intro.md``, between ``<!-- runtimes:start -->`` and ``<!-- runtimes:end -->``, the table of
 every chapter's run time from the same metadata, so the introduction cannot disagree with the chapters.
@@ -60,10 +62,24 @@ if IN_COLAB:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", package], check=True)'''
 
 
+def stored_run_minutes(nb: dict) -> float | None:
+    """How long the stored run took: from the first cell's start to the last cell's end, read from the
+    execution timestamps that ``jupyter execute`` records in the cells' metadata (None without them)."""
+    from datetime import datetime
+
+    stamps = [datetime.fromisoformat(cell["metadata"]["execution"][key].replace("Z", "+00:00"))
+              for cell in nb["cells"] if "execution" in cell.get("metadata", {})
+              for key in ("iopub.execute_input", "iopub.status.idle") if key in cell["metadata"]["execution"]]
+    return (max(stamps) - min(stamps)).total_seconds() / 60 if stamps else None
+
+
 def runtime_line(meta: dict) -> str:
     cpu, gpu = meta.get("minutes_cpu"), meta.get("minutes_gpu")
     parts = []
-    if cpu is not None:
+    if cpu is not None and meta.get("contended_minutes") is not None:
+        parts.append(f"about {cpu} min on a quiet 2-core CPU (the stored run shared its cores with other "
+                     f"jobs and took {meta['contended_minutes']} min)")
+    elif cpu is not None:
         parts.append(f"about {cpu} min on a 2-core CPU")
     if gpu is not None:
         parts.append(f"about {gpu} min on one GPU ({meta.get('gpu_name', 'an NVIDIA H200')})")
