@@ -42,8 +42,13 @@ def default_device(device: str | torch.device | None = None) -> torch.device:
 
 
 class _Data(Protocol):
-    real: bool
-    category: str
+    """What :func:`is_book_run` reads of a :class:`adlib.data.DataChoice` (a frozen dataclass)."""
+
+    @property
+    def real(self) -> bool: ...
+
+    @property
+    def category(self) -> str: ...
 
 
 def is_book_run(choice: _Data, category: str = BOOK_CATEGORY) -> bool:

@@ -25,17 +25,29 @@ def _code_cells(path: Path) -> list[str]:
     return ["".join(c["source"]) for c in cells if c["cell_type"] == "code"]
 
 
+def _is_guard(test: ast.expr) -> bool:
+    """``BOOK_RUN``, ``CATEGORY == ...``, or an ``and`` of conditions one of which is such a guard."""
+    if isinstance(test, ast.Name):
+        return test.id == "BOOK_RUN"
+    if isinstance(test, ast.Compare):
+        return (isinstance(test.left, ast.Name) and test.left.id == "CATEGORY"
+                and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq))
+    if isinstance(test, ast.BoolOp) and isinstance(test.op, ast.And):
+        return any(_is_guard(value) for value in test.values)
+    return False
+
+
 def _guarded_asserts(tree: ast.AST) -> list[tuple[int, bool]]:
-    """(line, guarded) for every assert: guarded when an enclosing ``if`` tests BOOK_RUN or CATEGORY."""
+    """(line, guarded) for every assert: guarded when an enclosing ``if`` is a guard (:func:`_is_guard`),
+    in its body, not its ``else``."""
     found: list[tuple[int, bool]] = []
 
     def visit(node: ast.AST, guarded: bool) -> None:
         if isinstance(node, ast.Assert):
             found.append((node.lineno, guarded))
         if isinstance(node, ast.If):
-            names = {n.id for n in ast.walk(node.test) if isinstance(n, ast.Name)}
             for child in node.body:
-                visit(child, guarded or bool(names & {"BOOK_RUN", "CATEGORY"}))
+                visit(child, guarded or _is_guard(node.test))
             for child in node.orelse:
                 visit(child, guarded)
             return
@@ -58,6 +70,9 @@ def test_chapter_takes_a_category(notebook):
         isinstance(t, ast.Name) and t.id == "CATEGORY" for t in n.targets)]
     assert assigned, "the setup cell assigns no CATEGORY"
     assert ast.literal_eval(assigned[0].value) == BOOK_CATEGORY     # the stored run is the book's category
+    book_run = [ast.unparse(n.value) for n in tree.body if isinstance(n, ast.Assign) and any(
+        isinstance(t, ast.Name) and t.id == "BOOK_RUN" for t in n.targets)]
+    assert book_run == ["is_book_run(choice)"], f"the setup cell must set BOOK_RUN = is_book_run(choice), got {book_run}"
     calls = [n for cell in _code_cells(notebook) for n in ast.walk(ast.parse(cell))
              if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "choose_data"]
     assert calls, "the chapter never calls choose_data"
@@ -75,8 +90,11 @@ def test_key_checks_are_guarded_by_the_category(notebook):
 
 
 def test_the_guard_finds_unguarded_asserts():
-    code = "if BOOK_RUN:\n    assert a\nassert b\nif x:\n    assert c\nif CATEGORY == 'bottle' and y:\n    assert d\n"
-    assert _guarded_asserts(ast.parse(code)) == [(2, True), (3, False), (5, False), (7, True)]
+    code = ("if BOOK_RUN:\n    assert a\nassert b\nif x:\n    assert c\nif CATEGORY == 'bottle' and y:\n    assert d\n"
+            "if not BOOK_RUN:\n    assert e\nif CATEGORY != 'bottle':\n    assert f\nif BOOK_RUN:\n    pass\nelse:\n"
+            "    assert g\nif BOOK_RUN or x:\n    assert h\n")
+    assert _guarded_asserts(ast.parse(code)) == [(2, True), (3, False), (5, False), (7, True), (9, False),
+                                                 (11, False), (15, False), (17, False)]
 
 
 @pytest.mark.parametrize("real, category, small, expected", [

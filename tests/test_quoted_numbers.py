@@ -100,16 +100,18 @@ def test_page_numbers_match_their_sources(page):
 
 
 def test_a_page_part_is_checked_against_the_sources_it_names(tmp_path, monkeypatch):
-    nb = _nb("", "fit 98.3 s; image AUROC 0.977")
+    nb = _nb("", "fit 98.3 s; image AUROC 0.977; 3 images")
     nb["metadata"]["adlib"] = {"minutes_cpu": 16}
     (tmp_path / "notebooks").mkdir()
     (tmp_path / "notebooks" / "07_x.ipynb").write_text(__import__("json").dumps(nb))
     monkeypatch.setattr(cqn, "ROOT", tmp_path)
     page = tmp_path / "page.md"
     page.write_text("before any source: 12 min and 0.5 <!-- cited: 0.5 -->\n\n<!-- from: 07_x -->\n"
-                    "the chapter takes 16 min, fits in 98 s and scores 0.977, not 0.978 nor 99 s; 3 images\n"
+                    "the chapter takes 16 min, fits in 98 s and scores 0.977, not 0.978 nor 99 s; 3 images, "
+                    "not 3 min nor 3 s (a count or a row index, not a time)\n"
                     "<!-- from: -->\nno source again: 0.977\n")
-    assert [(p.cell, p.number) for p in cqn.check_page(page)] == [(0, "12"), (1, "0.978"), (1, "99"), (2, "0.977")]
+    assert [(p.cell, p.number) for p in cqn.check_page(page)] == [
+        (0, "12"), (1, "0.978"), (1, "99"), (1, "3"), (1, "3"), (2, "0.977")]
     page.write_text("<!-- from: 08_missing -->\n0.5\n")
     with pytest.raises(ValueError, match="08_missing"):
         cqn.check_page(page)
@@ -139,8 +141,8 @@ def test_run_time_metadata_is_the_stored_run(notebook):
 
 
 def test_stored_run_minutes_reads_the_timestamps():
-    cells = [{"cell_type": "code", "metadata": {"execution": {"iopub.execute_input": "2026-12-07T10:00:00.0Z",
-                                                             "iopub.status.idle": "2026-12-07T10:01:00.0Z"}}},
+    cells = [{"cell_type": "code", "metadata": {"execution": {"iopub.execute_input": "2026-12-07T10:00:00.000000Z",
+                                                             "iopub.status.idle": "2026-12-07T10:01:00Z"}}},
              {"cell_type": "markdown", "metadata": {}},
              {"cell_type": "code", "metadata": {"execution": {"iopub.execute_input": "2026-12-07T10:01:00.5Z",
                                                              "iopub.status.idle": "2026-12-07T10:16:30.0Z"}}}]

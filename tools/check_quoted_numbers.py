@@ -1,8 +1,9 @@
 """Check that the numbers the prose quotes are the numbers the stored outputs show.
 
-``python tools/check_quoted_numbers.py [NOTEBOOK ...]`` (default: every ``notebooks/*.ipynb``) reports,
-per notebook and markdown cell, every quoted number that no stored output of that notebook backs, and
-exits 1 if there is one; ``tests/test_quoted_numbers.py`` runs the same check.
+``python tools/check_quoted_numbers.py [NOTEBOOK_OR_PAGE ...]`` (default: every ``notebooks/*.ipynb`` and
+the pages of :data:`PAGES`) reports, per notebook and markdown cell, every quoted number that no stored
+output of that notebook backs (for a page: see :func:`check_page`), and exits 1 if there is one;
+``tests/test_quoted_numbers.py`` runs the same check.
 
 **Which numbers are checked.** In the prose of a markdown cell (fenced code, inline code, link
 targets, URLs, HTML comments and the tool-written ``**Run time.**`` line are not prose; the content of
@@ -231,19 +232,37 @@ _RUNTIMES = re.compile(r"<!-- runtimes:start -->.*?<!-- runtimes:end -->", re.S)
 _TIME_UNITS = ("ms", "s", "min", "minutes")
 
 
-def source_values(name: str) -> list[float]:
-    """The numbers a page may quote from ``name``: a notebook (``05_centering``: its stored outputs and
-    its run-time metadata) or a file of the repository (``bench_results/methods.csv``: every number)."""
-    notebook = ROOT / "notebooks" / f"{name}.ipynb"
-    if notebook.is_file():
-        nb = json.loads(notebook.read_text())
-        meta = nb["metadata"].get("adlib", {})
-        minutes = [float(meta[k]) for k in ("minutes_cpu", "minutes_gpu", "contended_minutes") if k in meta]
-        return sorted(set(output_numbers(nb)) | set(minutes))
-    path = ROOT / name
-    if not path.is_file():
-        raise ValueError(f"<!-- from: {name} -->: no notebook notebooks/{name}.ipynb and no file {name}")
-    return sorted({abs(float(t.replace(",", ""))) for t in _OUTPUT_NUMBER.findall(path.read_text())})
+@dataclass(frozen=True)
+class Sources:
+    """What a part of a page may quote: every number of its sources (``values``), the measured numbers
+    among them, those written with decimals (``measured``: not a row index or a count), and the
+    chapters' run times in minutes (``minutes``, their metadata)."""
+
+    values: list[float]
+    measured: list[float]
+    minutes: list[float]
+
+
+def source_values(names: list[str]) -> Sources:
+    """The numbers a page may quote from ``names``: notebooks (``05_centering``: stored outputs and run-time
+    metadata) or files of the repository (``bench_results/methods.csv``: every number)."""
+    texts, minutes = [], []
+    for name in names:
+        notebook = ROOT / "notebooks" / f"{name}.ipynb"
+        path = ROOT / name
+        if notebook.is_file():
+            nb = json.loads(notebook.read_text())
+            meta = nb["metadata"].get("adlib", {})
+            minutes += [float(meta[k]) for k in ("minutes_cpu", "minutes_gpu", "contended_minutes") if k in meta]
+            texts += [t for cell in nb["cells"] if cell["cell_type"] == "code" for t in _output_texts(cell)]
+        elif path.is_file():
+            texts.append(path.read_text())
+        else:
+            raise ValueError(f"<!-- from: {name} -->: no notebook notebooks/{name}.ipynb and no file {name}")
+    tokens = [t for text in texts for t in _OUTPUT_NUMBER.findall(text)]
+    values = sorted({abs(float(t.replace(",", ""))) for t in tokens})
+    measured = sorted({abs(float(t.replace(",", ""))) for t in tokens if "." in t})
+    return Sources(values, measured, sorted(set(minutes)))
 
 
 def page_checked(q: Quoted) -> bool:
@@ -251,12 +270,23 @@ def page_checked(q: Quoted) -> bool:
     return q.checked or (q.decimals == 0 and q.unit in _TIME_UNITS)
 
 
+def page_backed(q: Quoted, sources: Sources) -> bool:
+    """A whole number of minutes must be a chapter's run time; a whole number of seconds or milliseconds
+    a measured value (one with decimals) rounded; every other number as :func:`backed` says."""
+    if q.decimals == 0 and q.unit in ("min", "minutes"):
+        return any(abs(m - q.value) < 1e-9 for m in sources.minutes)
+    if q.decimals == 0 and q.unit in _TIME_UNITS:
+        return backed(q, sources.measured)
+    return backed(q, sources.values)
+
+
 def check_page(path: str | Path) -> list[Problem]:
     """Every checked number of a markdown page that its sources do not back and no marker excuses.
 
     A page names its sources with ``<!-- from: 05_centering 08_choosing_a_method -->``: the numbers
     after the marker, up to the next one, are checked against those notebooks' stored outputs and
-    run-time metadata (or a repository file, such as ``bench_results/methods.csv``). Numbers before
+    run-time metadata (or a repository file, such as ``bench_results/methods.csv``); whole numbers of
+    minutes only against the chapters' run times (see :func:`page_backed`). Numbers before
     the first marker have no source, so each must be marked ``cited`` or ``derived``. The intro's
     run-time table is written from the metadata by ``tools/sync_notebooks.py`` and skipped here."""
     path = Path(path)
@@ -265,13 +295,13 @@ def check_page(path: str | Path) -> list[Problem]:
     parts = [("", pieces[0])] + [(pieces[i], pieces[i + 1]) for i in range(1, len(pieces), 2)]
     problems = []
     for index, (sources, part) in enumerate(parts):
-        names = sources.split()
-        values = sorted({v for name in names for v in source_values(name)})
+        names = [name for name in re.split(r"[\s,]+", sources) if name]
+        found = source_values(names)
         marked = markers(part)
         quoted = quoted_numbers(part)
         for q in quoted:
             key = q.text.replace(",", "")
-            if key in marked or not page_checked(q) or backed(q, values):
+            if key in marked or not page_checked(q) or page_backed(q, found):
                 continue
             where = f"the outputs of {', '.join(names)}" if names else "no source: name one with <!-- from: NN_name -->"
             problems.append(Problem(path.name, index, q.text, f"not backed by {where} (\"...{q.context}...\"); "
@@ -285,14 +315,14 @@ def check_page(path: str | Path) -> list[Problem]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    paths = [Path(p) for p in (argv if argv is not None else sys.argv[1:])] or NOTEBOOKS
+    paths = [Path(p) for p in (argv if argv is not None else sys.argv[1:])] or NOTEBOOKS + PAGES
     problems = [p for path in paths for p in (check_page(path) if path.suffix == ".md" else check_notebook(path))]
     for problem in problems:
         print(problem)
     checked = sum(1 for path in paths if path.suffix == ".ipynb" for cell in json.loads(Path(path).read_text())["cells"]
                   if cell["cell_type"] == "markdown" for q in quoted_numbers("".join(cell["source"])) if q.checked)
-    checked += sum(1 for path in paths if path.suffix == ".md" for q in quoted_numbers(Path(path).read_text())
-                   if page_checked(q))
+    checked += sum(1 for path in paths if path.suffix == ".md"
+                   for q in quoted_numbers(_RUNTIMES.sub(" ", Path(path).read_text())) if page_checked(q))
     print(f"{len(paths)} files, {checked} quoted numbers checked, {len(problems)} problems", file=sys.stderr)
     return 1 if problems else 0
 

@@ -67,7 +67,11 @@ def stored_run_minutes(nb: dict) -> float | None:
     execution timestamps that ``jupyter execute`` records in the cells' metadata (None without them)."""
     from datetime import datetime
 
-    stamps = [datetime.fromisoformat(cell["metadata"]["execution"][key].replace("Z", "+00:00"))
+    def parse(stamp: str) -> datetime:   # "2026-12-07T10:00:00.123456Z"; fromisoformat of Python 3.10 wants 6 digits
+        day, _, fraction = stamp.rstrip("Z").partition(".")
+        return datetime.strptime(f"{day}.{(fraction or '0')[:6]:0<6}", "%Y-%m-%dT%H:%M:%S.%f")
+
+    stamps = [parse(cell["metadata"]["execution"][key])
               for cell in nb["cells"] if "execution" in cell.get("metadata", {})
               for key in ("iopub.execute_input", "iopub.status.idle") if key in cell["metadata"]["execution"]]
     return (max(stamps) - min(stamps)).total_seconds() / 60 if stamps else None
