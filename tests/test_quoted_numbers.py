@@ -148,3 +148,16 @@ def test_stored_run_minutes_reads_the_timestamps():
                                                              "iopub.status.idle": "2026-12-07T10:16:30.0Z"}}}]
     assert sync_notebooks.stored_run_minutes({"cells": cells}) == pytest.approx(16.5)
     assert sync_notebooks.stored_run_minutes({"cells": cells[1:2]}) is None
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_no_prose_after_a_comment_that_starts_a_line(notebook):
+    """A markdown line that starts with ``<!--`` opens a raw HTML block: prose after the comment on that
+    line is then not Markdown (no math, no emphasis) and splits its paragraph. Markers go at a line's end."""
+    import json
+    import re
+
+    bad = [(index, line.strip()[:80]) for index, cell in enumerate(json.loads(notebook.read_text())["cells"])
+           if cell["cell_type"] == "markdown" for line in "".join(cell["source"]).split("\n")
+           if re.match(r"^\s*<!--.*?-->\s*\S", line)]
+    assert not bad, f"prose after a line-opening comment (move the comment to the end of the line before): {bad}"
